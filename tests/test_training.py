@@ -1,0 +1,80 @@
+"""End-to-end training on a real corpus with the release `trainer` binary: it learns, it repeats, it refuses bad input clearly."""
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, binary, run
+
+TINY = REPO / "configs" / "tiny.toml"
+
+
+def train(data: Path, run_dir: Path, *overrides: str, check=True):
+    sets = [f"data.path={data}", f"train.run_dir={run_dir}", "train.threads=2", *overrides]
+    args = [binary("trainer"), "train", "--config", TINY]
+    for item in sets:
+        args += ["--set", item]
+    return run(*args, check=check)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learns_on_fortunes(fortunes_data, tmp_path):
+    result = train(fortunes_data, tmp_path, "train.steps=150", "train.eval_every=50", "optim.warmup_steps=15",
+                   "train.sample_tokens=8")
+    history = records(tmp_path)
+    first_loss = history[0]["loss"]
+    val_losses = [r["val_loss"] for r in history if "val_loss" in r]
+    assert len(val_losses) == 3
+    # Random init predicts ~uniformly over 4096 tokens: ln(4096) = 8.3.
+    assert first_loss > 7.5
+    assert val_losses[-1] < first_loss - 2.5, f"validation loss {val_losses} vs first loss {first_loss}"
+    assert val_losses[0] > val_losses[-1]
+    assert result.stdout.strip().startswith("The meaning of life is"), result.stdout
+    assert (tmp_path / "config.toml").exists()
+
+
+def test_same_seed_same_losses(fortunes_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run_dir in (a, b):
+        train(fortunes_data, run_dir, "train.steps=6", "train.eval_every=3")
+    keys = ("loss", "grad_norm", "lr", "val_loss")
+    assert [[r.get(k) for k in keys] for r in records(a)] == [[r.get(k) for k in keys] for r in records(b)]
+    c = tmp_path / "c"
+    train(fortunes_data, c, "train.steps=6", "train.eval_every=3", "train.seed=99")
+    assert records(c)[0]["loss"] != records(a)[0]["loss"], "another seed must give another run"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.colour=1"], "unknown field `colour`"),
+        (["train.steps=\"ten\""], "key `train.steps`: invalid type: string \"ten\""),
+        (["model.n_heads=6"], "model.n_heads = 6 must divide model.dim = 256"),
+        (["optim.lr=-1e-3"], "optim.lr = -0.001 must be a positive number"),
+        (["train.steps=0"], "train.steps = 0 must be > 0"),
+        (["data.path=/nonexistent/data"], "/nonexistent/data"),
+        (["model.vocab_size=1000"], "raise model.vocab_size to at least 4096"),
+    ],
+)
+def test_bad_config_is_refused_clearly(fortunes_data, tmp_path, overrides, expected):
+    result = train(fortunes_data, tmp_path, *overrides, check=False)
+    assert result.returncode == 1, result.stderr
+    assert expected in result.stderr, result.stderr
+    assert "panicked" not in result.stderr and "RUST_BACKTRACE" not in result.stderr
+
+
+def test_unreadable_toml_is_refused_clearly(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\ndim = 3\n")
+    result = run(binary("trainer"), "train", "--config", bad, check=False)
+    assert result.returncode == 1
+    assert f"invalid config {bad}" in result.stderr and "not valid TOML" in result.stderr, result.stderr
+    missing = run(binary("trainer"), "train", "--config", tmp_path / "absent.toml", check=False)
+    assert missing.returncode == 1 and "cannot read config file" in missing.stderr
+
+
+def test_llama_7b_parameter_count():
+    result = run(binary("trainer"), "params", "--config", REPO / "configs" / "llama-7b.toml")
+    assert result.stdout.strip() == "6,738,415,616"

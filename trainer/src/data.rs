@@ -1,0 +1,101 @@
+//! The training loop's data: the configured token dataset as batches of windows, this rank's share, and the fixed validation set.
+use crate::config::{Config, DataFormat};
+use anyhow::{bail, Context, Result};
+use data_shards::{DataCursor, RankLoader, Split, TokenDataset, WindowSampler};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tch::{Device, Tensor};
+
+#[derive(Debug)]
+pub struct TrainData {
+    loader: RankLoader,
+    validation: Option<WindowSampler>,
+    window: i64,
+    device: Device,
+    pub tokenizer_path: Option<PathBuf>,
+}
+
+impl TrainData {
+    /// Opens the data for data-parallel rank `dp_rank` of `dp_size`, checking that it fits the model.
+    pub fn open(config: &Config, dp_rank: usize, dp_size: usize, device: Device) -> Result<TrainData> {
+        let (path, seq_len, seed) = (&config.data.path, config.train.seq_len as usize, config.train.seed);
+        let (train, valid) = match config.data.format {
+            DataFormat::Shards => (
+                TokenDataset::open(path, Split::Train)?,
+                (config.train.eval_every > 0)
+                    .then(|| TokenDataset::open(path, Split::Valid))
+                    .transpose()?,
+            ),
+            DataFormat::Megatron => {
+                if config.train.eval_every > 0 {
+                    bail!("data.format = \"megatron\" has no validation split: set train.eval_every = 0");
+                }
+                (TokenDataset::open_megatron(path)?, None)
+            }
+        };
+        if let Some(vocab) = train.vocab_size() {
+            if i64::from(vocab) > config.model.vocab_size {
+                bail!(
+                    "the tokenizer of {} has {vocab} tokens but model.vocab_size = {}; raise model.vocab_size to at least {vocab}",
+                    path.display(),
+                    config.model.vocab_size
+                );
+            }
+        }
+        let tokenizer_path = train.tokenizer_path();
+        let sampler = WindowSampler::new(Arc::new(train), seq_len, seed)?;
+        let validation = valid
+            .map(|v| WindowSampler::new(Arc::new(v), seq_len, seed))
+            .transpose()?;
+        if let Some(v) = &validation {
+            if (v.num_windows() as i64) < config.train.eval_sequences {
+                bail!(
+                    "train.eval_sequences = {} but the validation split of {} holds only {} windows of {} tokens; lower train.eval_sequences",
+                    config.train.eval_sequences,
+                    path.display(),
+                    v.num_windows(),
+                    seq_len + 1
+                );
+            }
+        }
+        Ok(TrainData {
+            loader: RankLoader::new(sampler, dp_rank, dp_size, DataCursor::default()),
+            validation,
+            window: seq_len as i64 + 1,
+            device,
+            tokenizer_path,
+        })
+    }
+
+    /// This rank's share of the next global batch: [global_batch / dp, seq_len + 1] token ids.
+    pub fn next_batch(&mut self, global_batch: i64) -> Tensor {
+        let tokens = self.loader.next_batch(global_batch as usize);
+        Tensor::from_slice(&tokens)
+            .view([-1, self.window])
+            .to_device(self.device)
+    }
+
+    /// The validation windows (the same ones every time), `micro_batch` at a time.
+    pub fn validation_batches(&self, sequences: i64, micro_batch: i64) -> Vec<Tensor> {
+        let Some(sampler) = &self.validation else {
+            return Vec::new();
+        };
+        let mut window = vec![0i64; self.window as usize];
+        let mut all = Vec::with_capacity((sequences * self.window) as usize);
+        for index in 0..sequences as u64 {
+            sampler.window_into(index, &mut window);
+            all.extend_from_slice(&window);
+        }
+        Tensor::from_slice(&all)
+            .view([-1, self.window])
+            .to_device(self.device)
+            .split(micro_batch, 0)
+    }
+}
+
+/// Loads the tokenizer that the data was prepared with.
+pub fn load_tokenizer(path: &std::path::Path) -> Result<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("cannot load tokenizer {}", path.display()))
+}

@@ -1,0 +1,9 @@
+//! The trainer library: configuration, model, segment engine, optimizer and training loop.
+pub mod config;
+pub mod data;
+pub mod engine;
+pub mod hf;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod train;

@@ -1,0 +1,100 @@
+//! AdamW over flat buffers, the warmup + cosine learning-rate schedule, and global-norm gradient clipping.
+use crate::config::OptimConfig;
+use crate::params::master_kind;
+use std::ops::Range;
+use tch::Tensor;
+
+/// Learning rate at `step` (0-based): linear warmup to `lr`, then cosine decay to `min_lr`
+/// at `total_steps`.
+pub fn learning_rate(config: &OptimConfig, step: i64, total_steps: i64) -> f64 {
+    if step < config.warmup_steps {
+        return config.lr * (step + 1) as f64 / config.warmup_steps as f64;
+    }
+    let decay_steps = (total_steps - config.warmup_steps).max(1) as f64;
+    let progress = ((step - config.warmup_steps) as f64 / decay_steps).min(1.0);
+    config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Scales `grads` so their global L2 norm is at most `max_norm` (0: no clipping), given the
+/// norm already computed over all ranks. Returns the scale applied.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// AdamW (decoupled weight decay, as `torch.optim.AdamW`) over one flat slice of the
+/// parameters; the state lives in flat buffers of the master dtype.
+#[derive(Debug)]
+pub struct AdamW {
+    config: OptimConfig,
+    step: i64,
+    /// fp32 copy of the parameters when they are kept in a lower precision.
+    master: Option<Tensor>,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    scratch: Tensor,
+    /// Ranges of the slice that take weight decay.
+    decay_ranges: Vec<Range<i64>>,
+}
+
+impl AdamW {
+    pub fn new(config: &OptimConfig, params: &Tensor, decay_ranges: Vec<Range<i64>>) -> AdamW {
+        let kind = master_kind(params.kind());
+        let master = (kind != params.kind()).then(|| params.to_kind(kind));
+        let zeros = || Tensor::zeros_like(params).to_kind(kind);
+        AdamW {
+            config: config.clone(),
+            step: 0,
+            master,
+            exp_avg: zeros(),
+            exp_avg_sq: zeros(),
+            scratch: zeros(),
+            decay_ranges,
+        }
+    }
+
+    /// One update of `params` from `grads` (both the flat slice this optimizer owns).
+    pub fn step(&mut self, params: &mut Tensor, grads: &Tensor, lr: f64) {
+        tch::no_grad(|| {
+            self.step += 1;
+            let c = &self.config;
+            let weights = self.master.as_mut().unwrap_or(params);
+            if c.weight_decay > 0.0 {
+                for range in &self.decay_ranges {
+                    let _ = weights
+                        .narrow(0, range.start, range.end - range.start)
+                        .g_mul_scalar_(1.0 - lr * c.weight_decay);
+                }
+            }
+            let _ = self.exp_avg.lerp_(grads, 1.0 - c.beta1);
+            let _ = self
+                .exp_avg_sq
+                .g_mul_scalar_(c.beta2)
+                .addcmul_(grads, &(grads * (1.0 - c.beta2)));
+            let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
+            let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
+            // update = lr / bc1 * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps), built in scratch.
+            self.scratch.copy_(&self.exp_avg_sq);
+            let _ = self
+                .scratch
+                .sqrt_()
+                .g_div_scalar_(bias_correction2.sqrt())
+                .g_add_scalar_(c.eps)
+                .reciprocal_()
+                .g_mul_(&self.exp_avg)
+                .g_mul_scalar_(-lr / bias_correction1);
+            let _ = weights.g_add_(&self.scratch);
+            if let Some(master) = &self.master {
+                let _ = params.copy_(&master.to_kind(params.kind()));
+            }
+        });
+    }
+}
+
+/// Sum of squares of a flat gradient slice.
+pub fn squared_norm(grads: &Tensor) -> f64 {
+    tch::no_grad(|| grads.norm().double_value(&[]).powi(2))
+}
