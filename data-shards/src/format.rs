@@ -1,0 +1,325 @@
+//! On-disk layout of shard files and `manifest.json` (see docs/DATA_FORMAT.md).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::DataError;
+
+/// Magic bytes at the start of every shard file.
+pub const SHARD_MAGIC: [u8; 8] = *b"LLMSHRD\0";
+/// Version of the shard file layout and of the manifest.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the fixed shard header in bytes; tokens start right after it.
+pub const HEADER_LEN: usize = 64;
+/// Name of the manifest inside a dataset directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Name of the copied tokenizer inside a dataset directory.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Value of the manifest's `format` field.
+pub const MANIFEST_FORMAT: &str = "data-shards";
+
+/// Token storage type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    U8,
+    U16,
+    I16,
+    U32,
+    I32,
+    I64,
+}
+
+impl Dtype {
+    /// Bytes per token.
+    pub fn width(self) -> usize {
+        match self {
+            Dtype::U8 => 1,
+            Dtype::U16 | Dtype::I16 => 2,
+            Dtype::U32 | Dtype::I32 => 4,
+            Dtype::I64 => 8,
+        }
+    }
+
+    /// Code stored in a data-shards header (only u16 and u32 are written).
+    pub fn shard_code(self) -> Option<u32> {
+        match self {
+            Dtype::U16 => Some(1),
+            Dtype::U32 => Some(2),
+            _ => None,
+        }
+    }
+
+    /// Inverse of [`Dtype::shard_code`].
+    pub fn from_shard_code(code: u32) -> Option<Dtype> {
+        match code {
+            1 => Some(Dtype::U16),
+            2 => Some(Dtype::U32),
+            _ => None,
+        }
+    }
+
+    /// Dtype for a Megatron-LM `.idx` dtype code (`megatron.core.datasets.indexed_dataset.DType`);
+    /// float codes (6, 7) are not token ids and are rejected.
+    pub fn from_megatron_code(code: u8) -> Option<Dtype> {
+        match code {
+            1 => Some(Dtype::U8),
+            3 => Some(Dtype::I16),
+            4 => Some(Dtype::I32),
+            5 => Some(Dtype::I64),
+            8 => Some(Dtype::U16),
+            _ => None,
+        }
+    }
+
+    /// Smallest writable dtype that holds ids `0..vocab_size`.
+    pub fn for_vocab(vocab_size: u64) -> Dtype {
+        if vocab_size <= 1 << 16 {
+            Dtype::U16
+        } else {
+            Dtype::U32
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Dtype::U8 => "u8",
+            Dtype::U16 => "u16",
+            Dtype::I16 => "i16",
+            Dtype::U32 => "u32",
+            Dtype::I32 => "i32",
+            Dtype::I64 => "i64",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Which part of a dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Split {
+    Train,
+    Valid,
+}
+
+impl Split {
+    /// Name used in file names and in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Valid => "valid",
+        }
+    }
+
+    /// Both splits, in manifest order.
+    pub const ALL: [Split; 2] = [Split::Train, Split::Valid];
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "train" => Ok(Split::Train),
+            "valid" | "validation" | "val" => Ok(Split::Valid),
+            other => Err(format!("unknown split {other:?}; use train or valid")),
+        }
+    }
+}
+
+/// Decoded fixed header of a shard file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardHeader {
+    pub version: u32,
+    pub dtype_code: u32,
+    pub num_tokens: u64,
+    pub num_documents: u64,
+}
+
+impl ShardHeader {
+    /// Serializes the header to its 64-byte form.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&SHARD_MAGIC);
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
+        b[12..16].copy_from_slice(&self.dtype_code.to_le_bytes());
+        b[16..24].copy_from_slice(&self.num_tokens.to_le_bytes());
+        b[24..32].copy_from_slice(&self.num_documents.to_le_bytes());
+        b
+    }
+
+    /// Parses and checks magic, version and dtype; `bytes` is the whole file.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<(ShardHeader, Dtype), DataError> {
+        if bytes.len() < HEADER_LEN {
+            if bytes.len() >= 8 && bytes[0..8] != SHARD_MAGIC {
+                return Err(bad_magic(path, &bytes[0..8]));
+            }
+            return Err(DataError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!(
+                    "file is {} bytes, shorter than the {HEADER_LEN}-byte header",
+                    bytes.len()
+                ),
+            });
+        }
+        if bytes[0..8] != SHARD_MAGIC {
+            return Err(bad_magic(path, &bytes[0..8]));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+        let header = ShardHeader {
+            version: u32_at(8),
+            dtype_code: u32_at(12),
+            num_tokens: u64_at(16),
+            num_documents: u64_at(24),
+        };
+        if header.version != FORMAT_VERSION {
+            return Err(DataError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                got: header.version.into(),
+                supported: FORMAT_VERSION.into(),
+            });
+        }
+        let dtype = Dtype::from_shard_code(header.dtype_code).ok_or(DataError::BadDtype {
+            path: path.to_path_buf(),
+            code: header.dtype_code,
+        })?;
+        Ok((header, dtype))
+    }
+
+    /// Total file size implied by this header.
+    pub fn file_len(&self, dtype: Dtype) -> Option<u64> {
+        (HEADER_LEN as u64)
+            .checked_add(self.num_tokens.checked_mul(dtype.width() as u64)?)?
+            .checked_add(self.num_documents.checked_mul(8)?)
+    }
+}
+
+fn bad_magic(path: &Path, got: &[u8]) -> DataError {
+    DataError::BadMagic {
+        path: path.to_path_buf(),
+        expected: String::from_utf8_lossy(&SHARD_MAGIC).into_owned(),
+        got: String::from_utf8_lossy(got).into_owned(),
+    }
+}
+
+/// One shard file as listed in the manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// File name relative to the dataset directory.
+    pub file: String,
+    pub num_tokens: u64,
+    pub num_documents: u64,
+    /// xxh3-128 of the whole file, 32 lowercase hex digits.
+    pub xxh3_128: String,
+}
+
+/// All shards of one split.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitInfo {
+    pub num_tokens: u64,
+    pub num_documents: u64,
+    pub shards: Vec<ShardInfo>,
+}
+
+/// Contents of `manifest.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    pub format_version: u32,
+    /// Tokenizer file name relative to the dataset directory, if any.
+    pub tokenizer: Option<String>,
+    /// One more than the largest token id the tokenizer can produce.
+    pub vocab_size: u32,
+    pub eos_token: Option<String>,
+    pub eos_id: Option<u32>,
+    pub dtype: Dtype,
+    pub valid_fraction: f64,
+    /// Keyed by split name (`train`, `valid`).
+    pub splits: BTreeMap<String, SplitInfo>,
+}
+
+impl Manifest {
+    /// The split's info; an absent split is empty.
+    pub fn split(&self, split: Split) -> SplitInfo {
+        self.splits.get(split.name()).cloned().unwrap_or_default()
+    }
+
+    /// Reads and sanity-checks `dir/manifest.json`.
+    pub fn load(dir: &Path) -> Result<Manifest, DataError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DataError::Manifest {
+                    path,
+                    message: "file not found (is this a `data-shards prepare` output directory?)".into(),
+                })
+            }
+            Err(e) => return Err(DataError::io(path, e)),
+        };
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| DataError::Manifest {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(DataError::Manifest {
+                path,
+                message: format!("format is {:?}, expected {MANIFEST_FORMAT:?}", m.format),
+            });
+        }
+        if m.format_version != FORMAT_VERSION {
+            return Err(DataError::UnsupportedVersion {
+                path,
+                got: m.format_version.into(),
+                supported: FORMAT_VERSION.into(),
+            });
+        }
+        if m.dtype.shard_code().is_none() {
+            return Err(DataError::Manifest {
+                path,
+                message: format!("dtype {} cannot be stored in shards", m.dtype),
+            });
+        }
+        for (name, s) in &m.splits {
+            if name.parse::<Split>().is_err() {
+                return Err(DataError::Manifest {
+                    path,
+                    message: format!("unknown split {name:?}"),
+                });
+            }
+            let toks: u64 = s.shards.iter().map(|x| x.num_tokens).sum();
+            let docs: u64 = s.shards.iter().map(|x| x.num_documents).sum();
+            if toks != s.num_tokens || docs != s.num_documents {
+                return Err(DataError::Manifest {
+                    path,
+                    message: format!("split {name}: totals do not add up over its shards"),
+                });
+            }
+            for sh in &s.shards {
+                if sh.file.contains('/') || sh.file.contains('\\') || sh.file.starts_with('.') {
+                    return Err(DataError::Manifest {
+                        path,
+                        message: format!("shard file name {:?} is not a plain name", sh.file),
+                    });
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// xxh3-128 of `bytes` as 32 lowercase hex digits.
+pub fn checksum_hex(bytes: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
+}

@@ -1,0 +1,19 @@
+//! Tokenized training data: prepare a corpus into checksummed shards and read them back as training windows (format: docs/DATA_FORMAT.md).
+
+pub mod corpus;
+pub mod dataset;
+pub mod error;
+pub mod format;
+pub mod prepare;
+pub mod sampler;
+pub mod tokenize;
+pub mod writer;
+
+pub use corpus::CorpusOptions;
+pub use dataset::TokenDataset;
+pub use error::DataError;
+pub use format::{Dtype, Manifest, ShardInfo, Split, SplitInfo};
+pub use prepare::{prepare, DtypeChoice, PrepareOptions, PrepareReport};
+pub use sampler::{DataCursor, RankLoader, WindowSampler};
+pub use tokenize::{load_tokenizer, train_tokenizer, TrainOptions};
+pub use writer::{DatasetWriter, ManifestMeta, ShardWriter};

@@ -1,0 +1,251 @@
+//! `prepare`: tokenize a corpus in parallel into shard files + manifest, published atomically.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::corpus::{discover, CorpusOptions, DocumentStream};
+use crate::error::DataError;
+use crate::format::{Dtype, Manifest, Split, TOKENIZER_FILE};
+use crate::tokenize::{load_tokenizer, vocab_size};
+use crate::writer::{DatasetWriter, ManifestMeta};
+
+/// Requested token storage type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DtypeChoice {
+    /// u16 when the vocabulary fits, else u32.
+    #[default]
+    Auto,
+    U16,
+    U32,
+}
+
+/// Options of `prepare`.
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    pub corpus: CorpusOptions,
+    pub tokenizer: PathBuf,
+    pub output: PathBuf,
+    /// Fraction of documents (by content hash) that go to the validation split, in [0, 1).
+    pub valid_fraction: f64,
+    /// A shard file is closed once it holds at least this many tokens.
+    pub shard_tokens: u64,
+    pub eos_token: String,
+    pub dtype: DtypeChoice,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Let the tokenizer add its special tokens (e.g. BOS) to each document.
+    pub add_special_tokens: bool,
+    /// Show a progress bar on stderr (only drawn when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl PrepareOptions {
+    /// Defaults for everything but the paths.
+    pub fn new(corpus: CorpusOptions, tokenizer: PathBuf, output: PathBuf) -> Self {
+        PrepareOptions {
+            corpus,
+            tokenizer,
+            output,
+            valid_fraction: 0.005,
+            shard_tokens: 1 << 28,
+            eos_token: crate::tokenize::DEFAULT_EOS.into(),
+            dtype: DtypeChoice::Auto,
+            force: false,
+            add_special_tokens: false,
+            progress: false,
+        }
+    }
+}
+
+/// What `prepare` did.
+#[derive(Clone, Debug)]
+pub struct PrepareReport {
+    pub manifest: Manifest,
+    pub input_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Texts per parallel batch: large enough to keep all cores busy, small enough to bound memory.
+const BATCH_BYTES: usize = 8 << 20;
+const BATCH_DOCS: usize = 16384;
+
+/// True when a document with this content goes to the validation split.
+pub fn is_valid_document(text: &str, valid_fraction: f64) -> bool {
+    let threshold = (valid_fraction * 18_446_744_073_709_551_616.0) as u64;
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes()) < threshold
+}
+
+/// Tokenizes the corpus into `opts.output`. Output is byte-identical for the same inputs and
+/// tokenizer regardless of thread count: documents are read in order, tokenized in parallel in
+/// batches, and written in order.
+pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
+    let started = Instant::now();
+    if !(0.0..1.0).contains(&opts.valid_fraction) {
+        return Err(DataError::InvalidArgument(format!(
+            "--valid-fraction {} must be in [0, 1)",
+            opts.valid_fraction
+        )));
+    }
+    if opts.shard_tokens == 0 {
+        return Err(DataError::InvalidArgument("--shard-tokens must be at least 1".into()));
+    }
+    if opts.output.exists() && !opts.force {
+        return Err(DataError::OutputExists {
+            path: opts.output.clone(),
+        });
+    }
+    let tokenizer = load_tokenizer(&opts.tokenizer)?;
+    let vocab = vocab_size(&tokenizer);
+    let eos_id = tokenizer
+        .token_to_id(&opts.eos_token)
+        .ok_or_else(|| DataError::Tokenizer {
+            path: opts.tokenizer.clone(),
+            message: format!(
+                "EOS token {:?} is not in the vocabulary; pass the tokenizer's end-of-text token with --eos-token",
+                opts.eos_token
+            ),
+        })?;
+    let vocab_u32 = u32::try_from(vocab).map_err(|_| DataError::Tokenizer {
+        path: opts.tokenizer.clone(),
+        message: format!("vocabulary of {vocab} tokens is too large"),
+    })?;
+    let dtype = match opts.dtype {
+        DtypeChoice::Auto => Dtype::for_vocab(vocab),
+        DtypeChoice::U32 => Dtype::U32,
+        DtypeChoice::U16 if vocab > 1 << 16 => {
+            return Err(DataError::VocabTooLargeForU16 {
+                path: opts.tokenizer.clone(),
+                vocab_size: vocab,
+            })
+        }
+        DtypeChoice::U16 => Dtype::U16,
+    };
+    let files = discover(&opts.corpus)?;
+
+    let parent = match opts.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| DataError::io(&parent, e))?;
+    let name = opts
+        .output
+        .file_name()
+        .ok_or_else(|| DataError::InvalidArgument(format!("--output {} must name a directory", opts.output.display())))?
+        .to_string_lossy()
+        .into_owned();
+    // Hidden sibling, removed on error; a killed run leaves only this `.NAME.tmp-*` directory.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(&parent)
+        .map_err(|e| DataError::io(&parent, e))?;
+
+    let mut stream = DocumentStream::new(files, opts.corpus.clone());
+    let bar = if opts.progress && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::with_draw_target(Some(stream.total_bytes()), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let mut writer = DatasetWriter::new(tmp.path(), dtype, opts.shard_tokens);
+    let mut total_tokens = 0u64;
+    let mut batch: Vec<String> = Vec::new();
+    loop {
+        batch.clear();
+        let mut batch_bytes = 0usize;
+        while batch_bytes < BATCH_BYTES && batch.len() < BATCH_DOCS {
+            match stream.next_document()? {
+                Some(d) => {
+                    batch_bytes += d.len();
+                    batch.push(d);
+                }
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let encoded: Vec<Result<(Split, Vec<u32>), String>> = batch
+            .par_iter()
+            .map(|text| {
+                let enc = tokenizer
+                    .encode_fast(text.as_str(), opts.add_special_tokens)
+                    .map_err(|e| e.to_string())?;
+                let mut ids = enc.get_ids().to_vec();
+                ids.push(eos_id);
+                let split = if is_valid_document(text, opts.valid_fraction) {
+                    Split::Valid
+                } else {
+                    Split::Train
+                };
+                Ok((split, ids))
+            })
+            .collect();
+        for r in encoded {
+            let (split, ids) = r.map_err(|message| DataError::Tokenizer {
+                path: opts.tokenizer.clone(),
+                message: format!("encoding failed: {message}"),
+            })?;
+            total_tokens += ids.len() as u64;
+            writer.push_document(split, &ids)?;
+        }
+        bar.set_position(stream.bytes_read);
+        bar.set_message(format!("{total_tokens} tokens"));
+    }
+    bar.finish_and_clear();
+    if total_tokens == 0 {
+        return Err(DataError::EmptyInput {
+            path: opts.corpus.inputs[0].clone(),
+            what: "no documents in any input (all empty or whitespace)".into(),
+        });
+    }
+
+    let tok_dst = tmp.path().join(TOKENIZER_FILE);
+    std::fs::copy(&opts.tokenizer, &tok_dst).map_err(|e| DataError::io(&opts.tokenizer, e))?;
+    let manifest = writer.finish(ManifestMeta {
+        tokenizer: Some(TOKENIZER_FILE.into()),
+        vocab_size: vocab_u32,
+        eos_token: Some(opts.eos_token.clone()),
+        eos_id: Some(eos_id),
+        valid_fraction: opts.valid_fraction,
+    })?;
+    publish(tmp, &opts.output, &parent)?;
+    Ok(PrepareReport {
+        manifest,
+        input_bytes: stream.bytes_read,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Renames the finished temporary directory to `output`, replacing an existing one (only
+/// reached with --force) by first moving it aside.
+fn publish(tmp: tempfile::TempDir, output: &Path, parent: &Path) -> Result<(), DataError> {
+    let mut old = None;
+    if output.exists() {
+        let aside = tempfile::Builder::new()
+            .prefix(".old-")
+            .tempdir_in(parent)
+            .map_err(|e| DataError::io(parent, e))?;
+        let dst = aside.path().join("old");
+        std::fs::rename(output, &dst).map_err(|e| DataError::io(output, e))?;
+        old = Some(aside);
+    }
+    std::fs::rename(tmp.path(), output).map_err(|e| DataError::io(output, e))?;
+    // Renamed away: nothing left for the guard to delete.
+    let _ = tmp.keep();
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    drop(old);
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! Writers for shard files and whole dataset directories (shards + manifest).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::DataError;
+use crate::format::{
+    Dtype, Manifest, ShardHeader, ShardInfo, Split, SplitInfo, FORMAT_VERSION, HEADER_LEN, MANIFEST_FILE,
+    MANIFEST_FORMAT,
+};
+
+/// Writes one shard file: header placeholder, tokens, then the document table and final header.
+pub struct ShardWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    dtype: Dtype,
+    num_tokens: u64,
+    doc_ends: Vec<u64>,
+    scratch: Vec<u8>,
+}
+
+impl ShardWriter {
+    /// Creates (truncates) `path`.
+    pub fn create(path: &Path, dtype: Dtype) -> Result<Self, DataError> {
+        if dtype.shard_code().is_none() {
+            return Err(DataError::InvalidArgument(format!(
+                "dtype {dtype} cannot be written to shards; use u16 or u32"
+            )));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| DataError::io(path, e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&[0u8; HEADER_LEN]).map_err(|e| DataError::io(path, e))?;
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            out,
+            dtype,
+            num_tokens: 0,
+            doc_ends: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Appends one document's tokens (the caller includes any EOS).
+    pub fn push_document(&mut self, tokens: &[u32]) -> Result<(), DataError> {
+        self.scratch.clear();
+        match self.dtype {
+            Dtype::U16 => {
+                for &t in tokens {
+                    let v = u16::try_from(t).map_err(|_| {
+                        DataError::InvalidArgument(format!(
+                            "token id {t} does not fit in u16 while writing {}; use --dtype u32",
+                            self.path.display()
+                        ))
+                    })?;
+                    self.scratch.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            _ => {
+                for &t in tokens {
+                    self.scratch.extend_from_slice(&t.to_le_bytes());
+                }
+            }
+        }
+        self.out
+            .write_all(&self.scratch)
+            .map_err(|e| DataError::io(&self.path, e))?;
+        self.num_tokens += tokens.len() as u64;
+        self.doc_ends.push(self.num_tokens);
+        Ok(())
+    }
+
+    /// Tokens written so far.
+    pub fn num_tokens(&self) -> u64 {
+        self.num_tokens
+    }
+
+    /// Writes the document table and header, syncs the file and returns its manifest entry.
+    pub fn finish(mut self) -> Result<ShardInfo, DataError> {
+        let path = self.path.clone();
+        let io = |e| DataError::io(&path, e);
+        let mut table = Vec::with_capacity(self.doc_ends.len() * 8);
+        for e in &self.doc_ends {
+            table.extend_from_slice(&e.to_le_bytes());
+        }
+        self.out.write_all(&table).map_err(io)?;
+        let header = ShardHeader {
+            version: FORMAT_VERSION,
+            dtype_code: self.dtype.shard_code().expect("checked in create"),
+            num_tokens: self.num_tokens,
+            num_documents: self.doc_ends.len() as u64,
+        };
+        self.out.seek(SeekFrom::Start(0)).map_err(io)?;
+        self.out.write_all(&header.to_bytes()).map_err(io)?;
+        let mut file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(ShardInfo {
+            file: path
+                .file_name()
+                .expect("shard path has a file name")
+                .to_string_lossy()
+                .into_owned(),
+            num_tokens: header.num_tokens,
+            num_documents: header.num_documents,
+            xxh3_128: format!("{:032x}", hasher.digest128()),
+        })
+    }
+}
+
+/// Dataset-level fields of the manifest that the writer does not compute itself.
+#[derive(Clone, Debug)]
+pub struct ManifestMeta {
+    /// Tokenizer file name relative to the dataset directory (already copied there), if any.
+    pub tokenizer: Option<String>,
+    pub vocab_size: u32,
+    pub eos_token: Option<String>,
+    pub eos_id: Option<u32>,
+    pub valid_fraction: f64,
+}
+
+struct SplitWriter {
+    split: Split,
+    shards: Vec<ShardInfo>,
+    current: Option<ShardWriter>,
+}
+
+/// Writes the shards of both splits into an existing directory, rolling over to a new shard
+/// file once the current one holds at least `shard_tokens` tokens (documents are never split
+/// across shard files), then the manifest.
+pub struct DatasetWriter {
+    dir: PathBuf,
+    dtype: Dtype,
+    shard_tokens: u64,
+    splits: Vec<SplitWriter>,
+}
+
+impl DatasetWriter {
+    /// `dir` must exist; shard files are named `{split}-{index:05}.bin`.
+    pub fn new(dir: &Path, dtype: Dtype, shard_tokens: u64) -> Self {
+        DatasetWriter {
+            dir: dir.to_path_buf(),
+            dtype,
+            shard_tokens: shard_tokens.max(1),
+            splits: Split::ALL
+                .iter()
+                .map(|&split| SplitWriter {
+                    split,
+                    shards: Vec::new(),
+                    current: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Appends a document (tokens including EOS) to `split`.
+    pub fn push_document(&mut self, split: Split, tokens: &[u32]) -> Result<(), DataError> {
+        let sw = self
+            .splits
+            .iter_mut()
+            .find(|s| s.split == split)
+            .expect("both splits exist");
+        if sw.current.is_none() {
+            let name = format!("{}-{:05}.bin", split.name(), sw.shards.len());
+            sw.current = Some(ShardWriter::create(&self.dir.join(name), self.dtype)?);
+        }
+        let cur = sw.current.as_mut().expect("just created");
+        cur.push_document(tokens)?;
+        if cur.num_tokens() >= self.shard_tokens {
+            let done = sw.current.take().expect("current shard");
+            sw.shards.push(done.finish()?);
+        }
+        Ok(())
+    }
+
+    /// Finishes all shards and writes `manifest.json`; returns the manifest.
+    pub fn finish(mut self, meta: ManifestMeta) -> Result<Manifest, DataError> {
+        let mut splits = BTreeMap::new();
+        for sw in &mut self.splits {
+            if let Some(cur) = sw.current.take() {
+                sw.shards.push(cur.finish()?);
+            }
+            let info = SplitInfo {
+                num_tokens: sw.shards.iter().map(|s| s.num_tokens).sum(),
+                num_documents: sw.shards.iter().map(|s| s.num_documents).sum(),
+                shards: std::mem::take(&mut sw.shards),
+            };
+            splits.insert(sw.split.name().to_string(), info);
+        }
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT.to_string(),
+            format_version: FORMAT_VERSION,
+            tokenizer: meta.tokenizer,
+            vocab_size: meta.vocab_size,
+            eos_token: meta.eos_token,
+            eos_id: meta.eos_id,
+            dtype: self.dtype,
+            valid_fraction: meta.valid_fraction,
+            splits,
+        };
+        let path = self.dir.join(MANIFEST_FILE);
+        let mut text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+        text.push('\n');
+        let mut f = File::create(&path).map_err(|e| DataError::io(&path, e))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| DataError::io(&path, e))?;
+        Ok(manifest)
+    }
+}

@@ -1,0 +1,188 @@
+//! Shared helpers for the integration tests: corpus generation, tokenizer training, CLI runs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use data_shards::{prepare, train_tokenizer, CorpusOptions, PrepareOptions, PrepareReport, TrainOptions};
+
+/// Path of the built CLI.
+pub const BIN: &str = env!("CARGO_BIN_EXE_data-shards");
+
+const WORDS: &[&str] = &[
+    "the",
+    "model",
+    "learns",
+    "tokens",
+    "from",
+    "data",
+    "shards",
+    "quickly",
+    "résumé",
+    "naïve",
+    "日本語",
+    "emoji🙂",
+    "gradient",
+    "descent",
+    "loss",
+    "falls",
+    "when",
+    "batch",
+    "grows",
+    "and",
+    "or",
+    "not",
+    "a",
+    "of",
+    "to",
+    "in",
+    "is",
+    "it",
+    "that",
+    "for",
+    "on",
+    "with",
+    "as",
+    "llama",
+    "rust",
+    "python",
+    "memory",
+    "mapped",
+    "window",
+    "epoch",
+    "seed",
+    "cursor",
+];
+
+/// Tiny deterministic PRNG (SplitMix64) for corpus generation.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `n` documents of varied length, mixed punctuation, newlines and non-ASCII text.
+pub fn make_docs(n: usize, seed: u64) -> Vec<String> {
+    let mut rng = Rng(seed);
+    (0..n)
+        .map(|i| {
+            let len = 3 + rng.below(120) as usize;
+            let mut s = String::new();
+            for j in 0..len {
+                if j > 0 {
+                    s.push(match rng.below(12) {
+                        0 => '\n',
+                        1 => '\t',
+                        _ => ' ',
+                    });
+                }
+                s.push_str(WORDS[rng.below(WORDS.len() as u64) as usize]);
+                if rng.below(9) == 0 {
+                    s.push_str(&format!(", {}!", rng.below(1000)));
+                }
+            }
+            s.push_str(&format!(" (doc {i})\n"));
+            s
+        })
+        .collect()
+}
+
+/// Writes the docs into `dir` as: two `%`-separated text files and one JSONL file (in sorted
+/// name order: a.txt, b.txt, c.jsonl), returning the documents in the order prepare reads them.
+pub fn write_corpus(dir: &Path, docs: &[String]) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let third = docs.len() / 3;
+    let (a, rest) = docs.split_at(third);
+    let (b, c) = rest.split_at(third);
+    std::fs::write(dir.join("a.txt"), a.join("%\n")).unwrap();
+    std::fs::write(dir.join("b.txt"), format!("%\n{}%\n%\n", b.join("%\n"))).unwrap();
+    let mut jsonl = String::new();
+    for d in c {
+        jsonl.push_str(&serde_json::json!({ "id": 1, "text": d }).to_string());
+        jsonl.push('\n');
+    }
+    std::fs::write(dir.join("c.jsonl"), jsonl).unwrap();
+    docs.to_vec()
+}
+
+/// Corpus options for a corpus written by [`write_corpus`].
+pub fn corpus_options(dir: &Path) -> CorpusOptions {
+    let mut c = CorpusOptions::new(vec![dir.to_path_buf()]);
+    c.doc_separator = Some("%".into());
+    c
+}
+
+/// Trains a small byte-level BPE tokenizer on the corpus in `corpus`.
+pub fn train(corpus: &Path, out: &Path, vocab_size: usize) -> PathBuf {
+    train_tokenizer(&TrainOptions {
+        corpus: corpus_options(corpus),
+        vocab_size,
+        output: out.to_path_buf(),
+        min_frequency: 2,
+        show_progress: false,
+    })
+    .unwrap();
+    out.to_path_buf()
+}
+
+/// Prepares `corpus` into `out` with small shards.
+pub fn prepare_dir(corpus: &Path, tokenizer: &Path, out: &Path, valid: f64) -> PrepareReport {
+    let mut o = PrepareOptions::new(corpus_options(corpus), tokenizer.into(), out.into());
+    o.valid_fraction = valid;
+    o.shard_tokens = 2000;
+    prepare(&o).unwrap()
+}
+
+/// Runs the CLI with `args` and extra environment variables.
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run data-shards")
+}
+
+/// Asserts a CLI run failed cleanly (exit 1, no panic) and its stderr contains every needle.
+pub fn assert_fails_with(out: &Output, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(!stderr.contains("backtrace"), "backtrace: {stderr}");
+    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
+    }
+    stderr
+}
+
+/// Asserts a CLI run succeeded and returns stdout.
+pub fn assert_ok(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// All files of a directory (name, bytes), sorted.
+pub fn dir_contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
