@@ -1,0 +1,401 @@
+//! One `mpirun` job: building its command line, running it with signal forwarding, and relaying its ranks' output.
+use anyhow::{bail, Context, Result};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long to keep relaying output after mpirun has exited, in case something it started still holds the pipes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to start: `nproc` ranks of `program` on this machine or the hosts of `hostfile`.
+#[derive(Debug)]
+pub struct Job {
+    pub nproc: u32,
+    /// Absolute path (see [`resolve_program`]).
+    pub program: PathBuf,
+    pub program_args: Vec<OsString>,
+    pub hostfile: Option<PathBuf>,
+    /// Appended to mpirun's own flags, before the program.
+    pub mpirun_args: Vec<String>,
+}
+
+/// How the job ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// mpirun's exit status.
+    pub status: ExitStatus,
+    /// The last signal the launcher received and forwarded to mpirun, e.g. `SIGTERM`.
+    pub forwarded_signal: Option<&'static str>,
+}
+
+impl Job {
+    /// mpirun's arguments: its flags, then the program and its arguments.
+    pub fn args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = ["-np", &self.nproc.to_string(), "--oversubscribe", "--bind-to", "none"]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        args.push("--tag-output".into());
+        if let Some(hostfile) = &self.hostfile {
+            args.push("--hostfile".into());
+            args.push(hostfile.into());
+        }
+        args.extend(self.mpirun_args.iter().map(OsString::from));
+        args.push(self.program.clone().into());
+        args.extend(self.program_args.iter().cloned());
+        args
+    }
+
+    /// The full mpirun command; `as_root` adds the environment OpenMPI requires before it runs as root.
+    pub fn command(&self, mpirun: &Path, as_root: bool) -> Command {
+        let mut cmd = Command::new(mpirun);
+        cmd.args(self.args());
+        if as_root {
+            cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        }
+        cmd
+    }
+
+    /// Runs the job to completion: relays every rank's output line by line and forwards SIGINT and SIGTERM to mpirun.
+    pub fn run(&self) -> Result<Outcome> {
+        let mpirun = find_in_path("mpirun").context(
+            "mpirun not found on PATH: install OpenMPI (`apt-get install openmpi-bin`) or run `scripts/setup`",
+        )?;
+        // Registered before mpirun starts, so a signal arriving in between is forwarded rather than killing the
+        // launcher and orphaning the job.
+        let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install the SIGINT/SIGTERM handlers")?;
+        let mut cmd = self.command(&mpirun, rustix::process::geteuid().is_root());
+        // Own process group: a terminal's Ctrl-C reaches mpirun once, through the launcher, not twice. No stdin, so
+        // the background group never stops on a terminal read.
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", mpirun.display()))?;
+
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut relays = 0;
+        if let Some(out) = child.stdout.take() {
+            spawn_relay(out, done_tx.clone());
+            relays += 1;
+        }
+        if let Some(err) = child.stderr.take() {
+            spawn_relay(err, done_tx.clone());
+            relays += 1;
+        }
+
+        let pid = rustix::process::Pid::from_child(&child);
+        // `true` once mpirun has exited; checked under the lock before every kill, so that a signal is never sent to
+        // a recycled pid after mpirun has been reaped.
+        let exited = Arc::new(Mutex::new(false));
+        let handle = signals.handle();
+        let forwarder = {
+            let exited = Arc::clone(&exited);
+            thread::spawn(move || {
+                let mut forwarded = None;
+                for signal in signals.forever() {
+                    let (Some(sig), Some(name)) = (
+                        rustix::process::Signal::from_named_raw(signal),
+                        signal_hook::low_level::signal_name(signal),
+                    ) else {
+                        continue;
+                    };
+                    let exited = exited.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if !*exited {
+                        // ESRCH is the only possible failure: mpirun is already gone.
+                        let _ = rustix::process::kill_process(pid, sig);
+                        forwarded = Some(name);
+                    }
+                }
+                forwarded
+            })
+        };
+
+        let status = wait_for(&mut child, pid, &exited);
+        handle.close();
+        let forwarded_signal = forwarder.join().unwrap_or(None);
+        let status = status?;
+
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        for _ in 0..relays {
+            if done_rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_err()
+            {
+                eprintln!("launcher: mpirun exited but its output pipes are still open; not waiting for them");
+                break;
+            }
+        }
+        Ok(Outcome {
+            status,
+            forwarded_signal,
+        })
+    }
+}
+
+/// Waits for mpirun to exit, marks it exited (so no more signals are sent to its pid), then reaps it.
+fn wait_for(child: &mut Child, pid: rustix::process::Pid, exited: &Mutex<bool>) -> Result<ExitStatus> {
+    use rustix::process::{waitid, WaitId, WaitIdOptions};
+    loop {
+        match waitid(WaitId::Pid(pid), WaitIdOptions::EXITED | WaitIdOptions::NOWAIT) {
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(err) => return Err(err).context("waiting for mpirun"),
+        }
+    }
+    *exited.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+    child.wait().context("waiting for mpirun")
+}
+
+/// The launcher's exit code for mpirun's status: its exit code, or 128 + signal if it was killed.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    }
+}
+
+/// Checks that `program` is an executable file and returns it as an absolute path; a bare name is looked up on PATH.
+pub fn resolve_program(program: &Path) -> Result<PathBuf> {
+    let is_bare_name = program.components().count() == 1 && !program.is_absolute();
+    let path = if is_bare_name && !program.exists() {
+        match find_in_path(program.as_os_str()) {
+            Some(path) => path,
+            None => bail!(
+                "program {} not found on PATH; build it with `scripts/setup`",
+                program.display()
+            ),
+        }
+    } else {
+        std::path::absolute(program).with_context(|| format!("invalid program path {}", program.display()))?
+    };
+    if !path.is_file() {
+        bail!(
+            "program {} does not exist; build it with `scripts/setup` (or pass --program)",
+            path.display()
+        );
+    }
+    if !is_executable(&path) {
+        bail!("program {} is not executable", path.display());
+    }
+    Ok(path)
+}
+
+fn is_executable(path: &Path) -> bool {
+    path.metadata()
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+/// The first executable called `name` in a directory of PATH.
+fn find_in_path(name: impl AsRef<std::ffi::OsStr>) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name.as_ref()))
+        .find(|candidate| is_executable(candidate))
+}
+
+/// Relays one of mpirun's output pipes on a thread; sends on `done` at end of file.
+fn spawn_relay(pipe: impl Read + Send + 'static, done: mpsc::Sender<()>) {
+    thread::spawn(move || {
+        relay(BufReader::new(pipe));
+        let _ = done.send(());
+    });
+}
+
+/// Re-prints each line read from mpirun with its rank prefix, on the launcher's stdout or stderr.
+fn relay(mut input: impl BufRead) {
+    let mut line = Vec::new();
+    // After a write error (e.g. the reader of our stdout went away) keep draining mpirun's pipe, so it never blocks.
+    let (mut stdout_ok, mut stderr_ok) = (true, true);
+    loop {
+        line.clear();
+        match input.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        for (stream, out) in format_line(text) {
+            match stream {
+                Stream::Stdout if stdout_ok => stdout_ok = std::io::stdout().lock().write_all(&out).is_ok(),
+                Stream::Stderr if stderr_ok => stderr_ok = std::io::stderr().lock().write_all(&out).is_ok(),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Which of the launcher's streams a line goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// The launcher's output for one line of mpirun output (without its newline), each piece ending in a newline.
+///
+/// `--tag-output` lines look like `[JOBID,RANK]<stdout>:text` (or `<stderr>:`, `<stddiag>:`). mpirun does not
+/// end a rank's last line if the rank did not, so another tag can follow mid-line; each tag starts a new piece.
+/// Untagged lines are mpirun's own messages and go to stderr as they are.
+fn format_line(line: &[u8]) -> Vec<(Stream, Vec<u8>)> {
+    let Some((mut tag, mut start)) = parse_tag(line) else {
+        let mut out = line.to_vec();
+        out.push(b'\n');
+        return vec![(Stream::Stderr, out)];
+    };
+    let mut pieces = Vec::new();
+    loop {
+        let next = (start..line.len())
+            .filter(|&i| line[i] == b'[')
+            .find_map(|i| parse_tag(&line[i..]).map(|(tag, len)| (i, tag, len)));
+        let end = next.map_or(line.len(), |(i, _, _)| i);
+        let mut out = format!("[rank {}] ", tag.rank).into_bytes();
+        out.extend_from_slice(&line[start..end]);
+        out.push(b'\n');
+        pieces.push((tag.stream, out));
+        match next {
+            Some((i, next_tag, len)) => (tag, start) = (next_tag, i + len),
+            None => return pieces,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tag {
+    rank: u32,
+    stream: Stream,
+}
+
+/// Parses a `[JOBID,RANK]<stdout>:` tag at the start of `s`; returns it and its length.
+fn parse_tag(s: &[u8]) -> Option<(Tag, usize)> {
+    let rest = s.strip_prefix(b"[")?;
+    let jobid_len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let rest = rest[jobid_len..].strip_prefix(b",").filter(|_| jobid_len > 0)?;
+    let rank_len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let rank = std::str::from_utf8(&rest[..rank_len]).ok()?.parse().ok()?;
+    let rest = rest[rank_len..].strip_prefix(b"]")?;
+    let (stream, name_len) = [
+        (Stream::Stdout, &b"<stdout>:"[..]),
+        (Stream::Stderr, b"<stderr>:"),
+        (Stream::Stderr, b"<stddiag>:"),
+    ]
+    .into_iter()
+    .find(|(_, name)| rest.starts_with(name))
+    .map(|(stream, name)| (stream, name.len()))?;
+    Some((Tag { rank, stream }, s.len() - rest.len() + name_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(pieces: Vec<(Stream, Vec<u8>)>) -> Vec<(Stream, String)> {
+        pieces
+            .into_iter()
+            .map(|(stream, out)| (stream, String::from_utf8(out).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn tagged_lines_get_rank_prefix_and_stream() {
+        assert_eq!(
+            text(format_line(b"[1,0]<stdout>:hello")),
+            [(Stream::Stdout, "[rank 0] hello\n".into())]
+        );
+        assert_eq!(
+            text(format_line(b"[12,17]<stderr>:oops: x")),
+            [(Stream::Stderr, "[rank 17] oops: x\n".into())]
+        );
+        assert_eq!(
+            text(format_line(b"[1,2]<stddiag>:diag")),
+            [(Stream::Stderr, "[rank 2] diag\n".into())]
+        );
+        assert_eq!(
+            text(format_line(b"[1,3]<stdout>:")),
+            [(Stream::Stdout, "[rank 3] \n".into())]
+        );
+    }
+
+    #[test]
+    fn untagged_lines_pass_through_to_stderr() {
+        for line in [
+            "-----",
+            "[1,x]<stdout>:no",
+            "[,1]<stdout>:no",
+            "[1,1]<stdin>:no",
+            "mpirun noticed that",
+        ] {
+            assert_eq!(
+                text(format_line(line.as_bytes())),
+                [(Stream::Stderr, format!("{line}\n"))]
+            );
+        }
+    }
+
+    #[test]
+    fn unterminated_rank_output_followed_by_another_tag_is_split() {
+        assert_eq!(
+            text(format_line(b"[1,0]<stdout>:no newline[1,1]<stderr>:next [x]")),
+            [
+                (Stream::Stdout, "[rank 0] no newline\n".into()),
+                (Stream::Stderr, "[rank 1] next [x]\n".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn command_line_has_flags_then_extra_args_then_program() {
+        let job = Job {
+            nproc: 4,
+            program: "/opt/trainer".into(),
+            program_args: vec!["--config".into(), "a.toml".into()],
+            hostfile: Some("hosts".into()),
+            mpirun_args: vec!["--mca".into(), "btl".into(), "self,tcp".into()],
+        };
+        let args: Vec<_> = job.args().into_iter().map(|a| a.into_string().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "-np",
+                "4",
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+                "--tag-output",
+                "--hostfile",
+                "hosts",
+                "--mca",
+                "btl",
+                "self,tcp",
+                "/opt/trainer",
+                "--config",
+                "a.toml"
+            ]
+        );
+        let root: Vec<_> = job
+            .command(Path::new("mpirun"), true)
+            .get_envs()
+            .map(|(k, _)| k.to_owned())
+            .collect();
+        assert_eq!(root, ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"]);
+        assert_eq!(job.command(Path::new("mpirun"), false).get_envs().count(), 0);
+    }
+
+    #[test]
+    fn exit_code_maps_signals_to_128_plus() {
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(9)), 137);
+        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
+    }
+}
