@@ -78,3 +78,16 @@ def test_unreadable_toml_is_refused_clearly(tmp_path):
 def test_llama_7b_parameter_count():
     result = run(binary("trainer"), "params", "--config", REPO / "configs" / "llama-7b.toml")
     assert result.stdout.strip() == "6,738,415,616"
+
+
+def test_tensor_and_data_parallel_run_through_the_launcher(fortunes_data, tmp_path):
+    """The demo's layout: 4 ranks, tensor 2 x data 2, started by `launcher run` through real mpirun."""
+    args = [binary("launcher"), "run", "--nproc", 4, "--", "train", "--config", TINY]
+    for item in [f"data.path={fortunes_data}", f"train.run_dir={tmp_path}", "train.threads=1", "parallel.tensor=2",
+                 "train.steps=30", "train.eval_every=30", "optim.warmup_steps=5", "train.log_every=10"]:
+        args += ["--set", item]
+    result = run(*args)
+    assert "[rank 0] " in result.stderr and "world=4 tensor_parallel=2 data_parallel=2" in result.stderr
+    history = records(tmp_path)
+    assert len(history) == 30
+    assert history[-1]["val_loss"] < history[0]["loss"] - 1.0, history[-1]

@@ -23,12 +23,7 @@ pub struct CorpusOptions {
 impl CorpusOptions {
     /// Options with no excludes, no separator and the `text` JSONL field.
     pub fn new(inputs: Vec<PathBuf>) -> Self {
-        CorpusOptions {
-            inputs,
-            exclude: Vec::new(),
-            doc_separator: None,
-            jsonl_field: "text".into(),
-        }
+        CorpusOptions { inputs, exclude: Vec::new(), doc_separator: None, jsonl_field: "text".into() }
     }
 }
 
@@ -69,18 +64,9 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 fn excluded(path: &Path, patterns: &[String]) -> bool {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let full = path.to_string_lossy();
-    patterns.iter().any(|p| {
-        if p.contains('/') {
-            glob_match(p, &full)
-        } else {
-            glob_match(p, &name)
-        }
-    })
+    patterns.iter().any(|p| if p.contains('/') { glob_match(p, &full) } else { glob_match(p, &name) })
 }
 
 fn walk(dir: &Path, patterns: &[String], out: &mut Vec<InputFile>) -> Result<(), DataError> {
@@ -108,11 +94,7 @@ fn walk(dir: &Path, patterns: &[String], out: &mut Vec<InputFile>) -> Result<(),
                 walk(&path, patterns, out)?;
             }
         } else if meta.is_file() {
-            out.push(InputFile {
-                path,
-                len: meta.len(),
-                explicit: false,
-            });
+            out.push(InputFile { path, len: meta.len(), explicit: false });
         }
     }
     Ok(())
@@ -143,11 +125,7 @@ pub fn discover(opts: &CorpusOptions) -> Result<Vec<InputFile>, DataError> {
                 });
             }
         } else if !excluded(input, &opts.exclude) {
-            files.push(InputFile {
-                path: input.clone(),
-                len: meta.len(),
-                explicit: true,
-            });
+            files.push(InputFile { path: input.clone(), len: meta.len(), explicit: true });
         }
     }
     if files.is_empty() {
@@ -161,10 +139,7 @@ pub fn discover(opts: &CorpusOptions) -> Result<Vec<InputFile>, DataError> {
 
 fn is_jsonl(path: &Path) -> bool {
     matches!(
-        path.extension()
-            .and_then(|e| e.to_str())
-            .map(|e| e.to_ascii_lowercase())
-            .as_deref(),
+        path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
         Some("jsonl") | Some("ndjson")
     )
 }
@@ -175,26 +150,14 @@ fn is_blank(s: &str) -> bool {
 }
 
 fn utf8_error(path: &Path, base_offset: u64, line: u64, bytes: &[u8]) -> DataError {
-    let valid = std::str::from_utf8(bytes)
-        .err()
-        .map_or(bytes.len(), |e| e.valid_up_to());
+    let valid = std::str::from_utf8(bytes).err().map_or(bytes.len(), |e| e.valid_up_to());
     let extra_lines = bytes[..valid].iter().filter(|&&b| b == b'\n').count() as u64;
-    DataError::NotUtf8 {
-        path: path.to_path_buf(),
-        offset: base_offset + valid as u64,
-        line: line + extra_lines,
-    }
+    DataError::NotUtf8 { path: path.to_path_buf(), offset: base_offset + valid as u64, line: line + extra_lines }
 }
 
 enum Reader {
     /// Separator or JSONL mode: read line by line.
-    Lines {
-        input: BufReader<File>,
-        jsonl: bool,
-        line_no: u64,
-        offset: u64,
-        current: String,
-    },
+    Lines { input: BufReader<File>, jsonl: bool, line_no: u64, offset: u64, current: String },
     /// Whole-file mode, already emitted.
     Done,
 }
@@ -214,15 +177,7 @@ pub struct DocumentStream {
 impl DocumentStream {
     /// Streams the documents of `files` (from [`discover`]).
     pub fn new(files: Vec<InputFile>, opts: CorpusOptions) -> Self {
-        DocumentStream {
-            files,
-            opts,
-            next_file: 0,
-            reader: None,
-            docs_in_file: 0,
-            bytes_read: 0,
-            line_buf: Vec::new(),
-        }
+        DocumentStream { files, opts, next_file: 0, reader: None, docs_in_file: 0, bytes_read: 0, line_buf: Vec::new() }
     }
 
     /// Total size of all input files.
@@ -273,9 +228,7 @@ impl DocumentStream {
                     continue;
                 }
                 let mut bytes = Vec::new();
-                BufReader::new(file)
-                    .read_to_end(&mut bytes)
-                    .map_err(|e| DataError::io(&path, e))?;
+                BufReader::new(file).read_to_end(&mut bytes).map_err(|e| DataError::io(&path, e))?;
                 self.bytes_read += bytes.len() as u64;
                 let text = String::from_utf8(bytes).map_err(|e| utf8_error(&path, 0, 1, e.as_bytes()))?;
                 self.reader = Some((fi, Reader::Done));
@@ -289,17 +242,9 @@ impl DocumentStream {
             let path = &self.files[fi].path;
             let step = match reader {
                 Reader::Done => Step::FileDone,
-                Reader::Lines {
-                    input,
-                    jsonl,
-                    line_no,
-                    offset,
-                    current,
-                } => {
+                Reader::Lines { input, jsonl, line_no, offset, current } => {
                     self.line_buf.clear();
-                    let n = input
-                        .read_until(b'\n', &mut self.line_buf)
-                        .map_err(|e| DataError::io(path, e))?;
+                    let n = input.read_until(b'\n', &mut self.line_buf).map_err(|e| DataError::io(path, e))?;
                     if n == 0 {
                         Step::Eof(std::mem::take(current))
                     } else {
@@ -357,11 +302,7 @@ enum Step {
 }
 
 fn parse_jsonl_line(path: &Path, line_no: u64, line: &str, field: &str) -> Result<String, DataError> {
-    let err = |message: String| DataError::Jsonl {
-        path: path.to_path_buf(),
-        line: line_no,
-        message,
-    };
+    let err = |message: String| DataError::Jsonl { path: path.to_path_buf(), line: line_no, message };
     let value: serde_json::Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON ({e})")))?;
     let obj = value.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
     match obj.get(field) {
@@ -393,10 +334,7 @@ mod tests {
         assert!(glob_match("*", ""));
         assert!(!glob_match("?", ""));
         assert!(glob_match("*/sub/*.u8", "/x/sub/a.u8"));
-        assert!(excluded(
-            Path::new("/usr/share/games/fortunes/art.u8"),
-            &["*.u8".into()]
-        ));
+        assert!(excluded(Path::new("/usr/share/games/fortunes/art.u8"), &["*.u8".into()]));
         assert!(!excluded(Path::new("/usr/share/games/fortunes/art"), &["*.u8".into()]));
     }
 

@@ -196,11 +196,7 @@ impl TokenDataset {
                 doc_base,
                 checksum: Some(sh.xxh3_128.clone()),
             };
-            let last = if shard.num_documents == 0 {
-                0
-            } else {
-                shard.doc_end(shard.num_documents - 1)
-            };
+            let last = if shard.num_documents == 0 { 0 } else { shard.doc_end(shard.num_documents - 1) };
             if last != shard.num_tokens {
                 return Err(DataError::Corrupt {
                     path: shard.path,
@@ -241,17 +237,11 @@ impl TokenDataset {
         let bin_path = PathBuf::from(format!("{}.bin", prefix.display()));
         for p in [&idx_path, &bin_path] {
             if !p.exists() {
-                return Err(DataError::Megatron {
-                    path: p.clone(),
-                    message: "file not found".into(),
-                });
+                return Err(DataError::Megatron { path: p.clone(), message: "file not found".into() });
             }
         }
         let idx = map_file(&idx_path)?;
-        let bad = |message: String| DataError::Megatron {
-            path: idx_path.clone(),
-            message,
-        };
+        let bad = |message: String| DataError::Megatron { path: idx_path.clone(), message };
         if idx.len() < 34 || &idx[0..9] != MEGATRON_INDEX_MAGIC {
             return Err(bad(format!(
                 "bad header (expected magic {:?})",
@@ -261,11 +251,7 @@ impl TokenDataset {
         let u64_at = |o: usize| u64::from_le_bytes(idx[o..o + 8].try_into().expect("8 bytes"));
         let version = u64_at(9);
         if version != 1 {
-            return Err(DataError::UnsupportedVersion {
-                path: idx_path.clone(),
-                got: version,
-                supported: 1,
-            });
+            return Err(DataError::UnsupportedVersion { path: idx_path.clone(), got: version, supported: 1 });
         }
         let code = idx[17];
         let dtype = Dtype::from_megatron_code(code)
@@ -326,13 +312,9 @@ impl TokenDataset {
             prev = e;
         }
         if prev != seq_count {
-            return Err(bad(format!(
-                "the last document ends at sequence {prev}, but there are {seq_count} sequences"
-            )));
+            return Err(bad(format!("the last document ends at sequence {prev}, but there are {seq_count} sequences")));
         }
-        let bin_len = std::fs::metadata(&bin_path)
-            .map_err(|e| DataError::io(&bin_path, e))?
-            .len();
+        let bin_len = std::fs::metadata(&bin_path).map_err(|e| DataError::io(&bin_path, e))?.len();
         if bin_len != total * width {
             return Err(DataError::Megatron {
                 path: bin_path,
@@ -343,10 +325,7 @@ impl TokenDataset {
             });
         }
         if total == 0 {
-            return Err(DataError::Megatron {
-                path: bin_path,
-                message: "dataset has no tokens".into(),
-            });
+            return Err(DataError::Megatron { path: bin_path, message: "dataset has no tokens".into() });
         }
         let map = map_file(&bin_path)?;
         let num_documents = doc_ends.len() as u64;
@@ -386,11 +365,7 @@ impl TokenDataset {
         if let Some(expected) = &s.checksum {
             let got = checksum_hex(&s.map);
             if &got != expected {
-                return Err(DataError::Checksum {
-                    path: s.path.clone(),
-                    expected: expected.clone(),
-                    got,
-                });
+                return Err(DataError::Checksum { path: s.path.clone(), expected: expected.clone(), got });
             }
         }
         let mut prev = 0u64;
@@ -439,11 +414,7 @@ impl TokenDataset {
 
     /// Tokens of document `i` (0-based over all shards, in order). Panics if out of range.
     pub fn document(&self, i: u64) -> Vec<u32> {
-        assert!(
-            i < self.num_documents,
-            "document {i} out of range ({} documents)",
-            self.num_documents
-        );
+        assert!(i < self.num_documents, "document {i} out of range ({} documents)", self.num_documents);
         let si = self.shards.partition_point(|s| s.doc_base <= i) - 1;
         let s = &self.shards[si];
         let (a, b) = s.doc_range(i - s.doc_base);
@@ -456,11 +427,7 @@ impl TokenDataset {
     /// Panics if the range is out of bounds.
     pub fn tokens(&self, start: u64, len: u64) -> Vec<u32> {
         let end = start.checked_add(len).expect("range overflows");
-        assert!(
-            end <= self.num_tokens,
-            "tokens {start}..{end} out of range ({} tokens)",
-            self.num_tokens
-        );
+        assert!(end <= self.num_tokens, "tokens {start}..{end} out of range ({} tokens)", self.num_tokens);
         let mut out = vec![0u32; len as usize];
         let mut at = start;
         while at < end {

@@ -39,11 +39,7 @@ pub enum DataError {
     Manifest { path: PathBuf, message: String },
 
     #[error("shard {}: bad magic bytes (expected {expected:?}, got {got:?}); this is not a data-shards file, re-run `data-shards prepare`", path.display())]
-    BadMagic {
-        path: PathBuf,
-        expected: String,
-        got: String,
-    },
+    BadMagic { path: PathBuf, expected: String, got: String },
 
     #[error("shard {}: format version {got} is not supported (this build reads version {supported}); re-run `data-shards prepare` with this build or upgrade", path.display())]
     UnsupportedVersion { path: PathBuf, got: u64, supported: u64 },
@@ -58,22 +54,13 @@ pub enum DataError {
     ManifestMismatch { path: PathBuf, message: String },
 
     #[error("shard {}: checksum mismatch (expected {expected}, got {got}); the file is corrupted, re-run `data-shards prepare`", path.display())]
-    Checksum {
-        path: PathBuf,
-        expected: String,
-        got: String,
-    },
+    Checksum { path: PathBuf, expected: String, got: String },
 
     #[error("megatron dataset {}: {message}; rebuild it with megatron's IndexedDatasetBuilder / preprocess_data.py", path.display())]
     Megatron { path: PathBuf, message: String },
 
     #[error("seq_len {seq_len} is longer than the data ({num_tokens} tokens in {}; largest shard has {largest_shard} tokens, a window needs seq_len+1); use a shorter seq_len or more data", path.display())]
-    SeqLenTooLong {
-        seq_len: usize,
-        num_tokens: u64,
-        largest_shard: u64,
-        path: PathBuf,
-    },
+    SeqLenTooLong { seq_len: usize, num_tokens: u64, largest_shard: u64, path: PathBuf },
 
     #[error("{0}")]
     InvalidArgument(String),
@@ -82,9 +69,6 @@ pub enum DataError {
 impl DataError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 }

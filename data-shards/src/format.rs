@@ -165,10 +165,7 @@ impl ShardHeader {
             }
             return Err(DataError::Corrupt {
                 path: path.to_path_buf(),
-                message: format!(
-                    "file is {} bytes, shorter than the {HEADER_LEN}-byte header",
-                    bytes.len()
-                ),
+                message: format!("file is {} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len()),
             });
         }
         if bytes[0..8] != SHARD_MAGIC {
@@ -189,10 +186,8 @@ impl ShardHeader {
                 supported: FORMAT_VERSION.into(),
             });
         }
-        let dtype = Dtype::from_shard_code(header.dtype_code).ok_or(DataError::BadDtype {
-            path: path.to_path_buf(),
-            code: header.dtype_code,
-        })?;
+        let dtype = Dtype::from_shard_code(header.dtype_code)
+            .ok_or(DataError::BadDtype { path: path.to_path_buf(), code: header.dtype_code })?;
         Ok((header, dtype))
     }
 
@@ -268,10 +263,8 @@ impl Manifest {
             }
             Err(e) => return Err(DataError::io(path, e)),
         };
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| DataError::Manifest {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| DataError::Manifest { path: path.clone(), message: e.to_string() })?;
         if m.format != MANIFEST_FORMAT {
             return Err(DataError::Manifest {
                 path,
@@ -286,17 +279,11 @@ impl Manifest {
             });
         }
         if m.dtype.shard_code().is_none() {
-            return Err(DataError::Manifest {
-                path,
-                message: format!("dtype {} cannot be stored in shards", m.dtype),
-            });
+            return Err(DataError::Manifest { path, message: format!("dtype {} cannot be stored in shards", m.dtype) });
         }
         for (name, s) in &m.splits {
             if name.parse::<Split>().is_err() {
-                return Err(DataError::Manifest {
-                    path,
-                    message: format!("unknown split {name:?}"),
-                });
+                return Err(DataError::Manifest { path, message: format!("unknown split {name:?}") });
             }
             let toks: u64 = s.shards.iter().map(|x| x.num_tokens).sum();
             let docs: u64 = s.shards.iter().map(|x| x.num_documents).sum();

@@ -15,11 +15,7 @@ use data_shards::{
 };
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "data-shards",
-    version,
-    about = "Tokenized training-data shards for the LLaMA trainer"
-)]
+#[command(name = "data-shards", version, about = "Tokenized training-data shards for the LLaMA trainer")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -211,12 +207,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::TrainTokenizer {
-            corpus,
-            vocab_size,
-            output,
-            min_frequency,
-        } => {
+        Command::TrainTokenizer { corpus, vocab_size, output, min_frequency } => {
             let t = Instant::now();
             let report = train_tokenizer(&TrainOptions {
                 corpus: corpus.options(),
@@ -280,11 +271,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { source, json } => inspect(&source, json)?,
         Command::Verify { source } => {
-            let splits: Vec<Split> = if source.megatron.is_some() {
-                vec![Split::Train]
-            } else {
-                Split::ALL.to_vec()
-            };
+            let splits: Vec<Split> = if source.megatron.is_some() { vec![Split::Train] } else { Split::ALL.to_vec() };
             for split in splits {
                 let ds = source.open(split)?;
                 ds.verify_checksums()?;
@@ -297,34 +284,22 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Decode {
-            source,
-            split,
-            offset,
-            len,
-            tokenizer,
-            ids,
-        } => {
+        Command::Decode { source, split, offset, len, tokenizer, ids } => {
             let ds = source.open(split.into())?;
             let tok_path = tokenizer
                 .or_else(|| ds.tokenizer_path())
                 .context("this dataset has no tokenizer; pass --tokenizer PATH")?;
             let tok = load_tokenizer(&tok_path)?;
             if offset >= ds.num_tokens() {
-                bail!(
-                    "--offset {offset} is past the end of the {} ({} tokens)",
-                    ds.label(),
-                    ds.num_tokens()
-                );
+                bail!("--offset {offset} is past the end of the {} ({} tokens)", ds.label(), ds.num_tokens());
             }
             let len = len.min(ds.num_tokens() - offset);
             let window = ds.tokens(offset, len);
             if ids {
                 println!("{window:?}");
             }
-            let text = tok
-                .decode(&window, false)
-                .map_err(|e| anyhow::anyhow!("decoding with {}: {e}", tok_path.display()))?;
+            let text =
+                tok.decode(&window, false).map_err(|e| anyhow::anyhow!("decoding with {}: {e}", tok_path.display()))?;
             println!("{text}");
         }
         Command::DumpDocs { source, split } => {
@@ -337,31 +312,19 @@ fn run(cli: Cli) -> Result<()> {
             }
             out.flush()?;
         }
-        Command::BenchLoader {
-            source,
-            split,
-            seq_len,
-            global_batch,
-            seconds,
-        } => bench_loader(&source, split.into(), seq_len, global_batch, seconds)?,
+        Command::BenchLoader { source, split, seq_len, global_batch, seconds } => {
+            bench_loader(&source, split.into(), seq_len, global_batch, seconds)?
+        }
     }
     Ok(())
 }
 
 fn inspect(source: &Source, json: bool) -> Result<()> {
-    let splits: Vec<Split> = if source.megatron.is_some() {
-        vec![Split::Train]
-    } else {
-        Split::ALL.to_vec()
-    };
+    let splits: Vec<Split> = if source.megatron.is_some() { vec![Split::Train] } else { Split::ALL.to_vec() };
     let mut report = serde_json::Map::new();
     for split in splits {
         let ds = source.open(split)?;
-        let name = if source.megatron.is_some() {
-            "megatron"
-        } else {
-            split.name()
-        };
+        let name = if source.megatron.is_some() { "megatron" } else { split.name() };
         if json {
             report.insert(
                 name.into(),

@@ -85,30 +85,23 @@ pub fn is_valid_document(text: &str, valid_fraction: f64) -> bool {
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
     let started = Instant::now();
     if !(0.0..1.0).contains(&opts.valid_fraction) {
-        return Err(DataError::InvalidArgument(format!(
-            "--valid-fraction {} must be in [0, 1)",
-            opts.valid_fraction
-        )));
+        return Err(DataError::InvalidArgument(format!("--valid-fraction {} must be in [0, 1)", opts.valid_fraction)));
     }
     if opts.shard_tokens == 0 {
         return Err(DataError::InvalidArgument("--shard-tokens must be at least 1".into()));
     }
     if opts.output.exists() && !opts.force {
-        return Err(DataError::OutputExists {
-            path: opts.output.clone(),
-        });
+        return Err(DataError::OutputExists { path: opts.output.clone() });
     }
     let tokenizer = load_tokenizer(&opts.tokenizer)?;
     let vocab = vocab_size(&tokenizer);
-    let eos_id = tokenizer
-        .token_to_id(&opts.eos_token)
-        .ok_or_else(|| DataError::Tokenizer {
-            path: opts.tokenizer.clone(),
-            message: format!(
-                "EOS token {:?} is not in the vocabulary; pass the tokenizer's end-of-text token with --eos-token",
-                opts.eos_token
-            ),
-        })?;
+    let eos_id = tokenizer.token_to_id(&opts.eos_token).ok_or_else(|| DataError::Tokenizer {
+        path: opts.tokenizer.clone(),
+        message: format!(
+            "EOS token {:?} is not in the vocabulary; pass the tokenizer's end-of-text token with --eos-token",
+            opts.eos_token
+        ),
+    })?;
     let vocab_u32 = u32::try_from(vocab).map_err(|_| DataError::Tokenizer {
         path: opts.tokenizer.clone(),
         message: format!("vocabulary of {vocab} tokens is too large"),
@@ -117,10 +110,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
         DtypeChoice::Auto => Dtype::for_vocab(vocab),
         DtypeChoice::U32 => Dtype::U32,
         DtypeChoice::U16 if vocab > 1 << 16 => {
-            return Err(DataError::VocabTooLargeForU16 {
-                path: opts.tokenizer.clone(),
-                vocab_size: vocab,
-            })
+            return Err(DataError::VocabTooLargeForU16 { path: opts.tokenizer.clone(), vocab_size: vocab })
         }
         DtypeChoice::U16 => Dtype::U16,
     };
@@ -178,16 +168,10 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
         let encoded: Vec<Result<(Split, Vec<u32>), String>> = batch
             .par_iter()
             .map(|text| {
-                let enc = tokenizer
-                    .encode_fast(text.as_str(), opts.add_special_tokens)
-                    .map_err(|e| e.to_string())?;
+                let enc = tokenizer.encode_fast(text.as_str(), opts.add_special_tokens).map_err(|e| e.to_string())?;
                 let mut ids = enc.get_ids().to_vec();
                 ids.push(eos_id);
-                let split = if is_valid_document(text, opts.valid_fraction) {
-                    Split::Valid
-                } else {
-                    Split::Train
-                };
+                let split = if is_valid_document(text, opts.valid_fraction) { Split::Valid } else { Split::Train };
                 Ok((split, ids))
             })
             .collect();
@@ -220,11 +204,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
         valid_fraction: opts.valid_fraction,
     })?;
     publish(tmp, &opts.output, &parent)?;
-    Ok(PrepareReport {
-        manifest,
-        input_bytes: stream.bytes_read,
-        elapsed: started.elapsed(),
-    })
+    Ok(PrepareReport { manifest, input_bytes: stream.bytes_read, elapsed: started.elapsed() })
 }
 
 /// Renames the finished temporary directory to `output`, replacing an existing one (only
@@ -232,10 +212,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
 fn publish(tmp: tempfile::TempDir, output: &Path, parent: &Path) -> Result<(), DataError> {
     let mut old = None;
     if output.exists() {
-        let aside = tempfile::Builder::new()
-            .prefix(".old-")
-            .tempdir_in(parent)
-            .map_err(|e| DataError::io(parent, e))?;
+        let aside =
+            tempfile::Builder::new().prefix(".old-").tempdir_in(parent).map_err(|e| DataError::io(parent, e))?;
         let dst = aside.path().join("old");
         std::fs::rename(output, &dst).map_err(|e| DataError::io(output, e))?;
         old = Some(aside);

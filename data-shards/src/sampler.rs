@@ -104,13 +104,7 @@ impl WindowSampler {
                 path: dataset.source().to_path_buf(),
             });
         }
-        Ok(WindowSampler {
-            dataset,
-            seq_len,
-            seed,
-            window_base,
-            num_windows: total,
-        })
+        Ok(WindowSampler { dataset, seq_len, seed, window_base, num_windows: total })
     }
 
     /// Windows per epoch.
@@ -151,11 +145,7 @@ impl WindowSampler {
     /// permuted by a per-epoch permutation derived from (seed, epoch).
     /// Panics unless `out.len() == seq_len + 1`.
     pub fn window_into(&self, global_index: u64, out: &mut [i64]) {
-        assert_eq!(
-            out.len(),
-            self.seq_len + 1,
-            "window buffer must hold seq_len + 1 tokens"
-        );
+        assert_eq!(out.len(), self.seq_len + 1, "window buffer must hold seq_len + 1 tokens");
         let (shard, start) = self.window_location(self.window_id(global_index));
         self.dataset.read_shard_tokens(shard, start, out);
     }
@@ -184,16 +174,8 @@ impl RankLoader {
     /// Panics if `dp_size == 0` or `dp_rank >= dp_size`.
     pub fn new(sampler: WindowSampler, dp_rank: usize, dp_size: usize, cursor: DataCursor) -> Self {
         assert!(dp_size > 0, "dp_size must be at least 1");
-        assert!(
-            dp_rank < dp_size,
-            "dp_rank {dp_rank} must be less than dp_size {dp_size}"
-        );
-        RankLoader {
-            sampler,
-            dp_rank,
-            dp_size,
-            cursor,
-        }
+        assert!(dp_rank < dp_size, "dp_rank {dp_rank} must be less than dp_size {dp_size}");
+        RankLoader { sampler, dp_rank, dp_size, cursor }
     }
 
     /// The global stream indices of this rank's part of the next global batch.
@@ -222,11 +204,7 @@ impl RankLoader {
     pub fn next_batch_into(&mut self, global_batch: usize, out: &mut [i64]) {
         let range = self.next_indices(global_batch);
         let w = self.sampler.seq_len + 1;
-        assert_eq!(
-            out.len() as u64,
-            (range.end - range.start) * w as u64,
-            "output buffer has the wrong length"
-        );
+        assert_eq!(out.len() as u64, (range.end - range.start) * w as u64, "output buffer has the wrong length");
         for (row, gi) in out.chunks_exact_mut(w).zip(range) {
             self.sampler.window_into(gi, row);
         }

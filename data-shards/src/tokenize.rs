@@ -38,11 +38,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, DataError> {
 
 /// One more than the largest token id (added tokens included).
 pub fn vocab_size(tok: &Tokenizer) -> u64 {
-    tok.get_vocab(true)
-        .values()
-        .copied()
-        .max()
-        .map_or(0, |m| u64::from(m) + 1)
+    tok.get_vocab(true).values().copied().max().map_or(0, |m| u64::from(m) + 1)
 }
 
 /// Options of `train-tokenizer`.
@@ -108,17 +104,14 @@ pub fn train_tokenizer(opts: &TrainOptions) -> Result<TrainReport, DataError> {
             .with_decoder(Some(ByteLevelDecoder::default()))
             .build()
             .map_err(model_err)?;
-    tokenizer
-        .train(&mut trainer, docs.iter().map(|d| d.as_str()))
-        .map_err(model_err)?;
+    tokenizer.train(&mut trainer, docs.iter().map(|d| d.as_str())).map_err(model_err)?;
     if let Some(parent) = opts.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
     }
     let tmp = PathBuf::from(format!("{}.tmp", opts.output.display()));
-    tokenizer.save(&tmp, true).map_err(|e| DataError::Tokenizer {
-        path: tmp.clone(),
-        message: format!("cannot save ({e})"),
-    })?;
+    tokenizer
+        .save(&tmp, true)
+        .map_err(|e| DataError::Tokenizer { path: tmp.clone(), message: format!("cannot save ({e})") })?;
     std::fs::rename(&tmp, &opts.output).map_err(|e| DataError::io(&opts.output, e))?;
     // Round trip through the generic loader, as `prepare` and Python will.
     let loaded = load_tokenizer(&opts.output)?;
@@ -128,9 +121,5 @@ pub fn train_tokenizer(opts: &TrainOptions) -> Result<TrainReport, DataError> {
             message: format!("{DEFAULT_EOS} did not get id 0"),
         });
     }
-    Ok(TrainReport {
-        documents: docs.len() as u64,
-        bytes,
-        vocab_size: vocab_size(&loaded),
-    })
+    Ok(TrainReport { documents: docs.len() as u64, bytes, vocab_size: vocab_size(&loaded) })
 }

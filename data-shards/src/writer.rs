@@ -69,9 +69,7 @@ impl ShardWriter {
                 }
             }
         }
-        self.out
-            .write_all(&self.scratch)
-            .map_err(|e| DataError::io(&self.path, e))?;
+        self.out.write_all(&self.scratch).map_err(|e| DataError::io(&self.path, e))?;
         self.num_tokens += tokens.len() as u64;
         self.doc_ends.push(self.num_tokens);
         Ok(())
@@ -112,11 +110,7 @@ impl ShardWriter {
             hasher.update(&buf[..n]);
         }
         Ok(ShardInfo {
-            file: path
-                .file_name()
-                .expect("shard path has a file name")
-                .to_string_lossy()
-                .into_owned(),
+            file: path.file_name().expect("shard path has a file name").to_string_lossy().into_owned(),
             num_tokens: header.num_tokens,
             num_documents: header.num_documents,
             xxh3_128: format!("{:032x}", hasher.digest128()),
@@ -158,24 +152,13 @@ impl DatasetWriter {
             dir: dir.to_path_buf(),
             dtype,
             shard_tokens: shard_tokens.max(1),
-            splits: Split::ALL
-                .iter()
-                .map(|&split| SplitWriter {
-                    split,
-                    shards: Vec::new(),
-                    current: None,
-                })
-                .collect(),
+            splits: Split::ALL.iter().map(|&split| SplitWriter { split, shards: Vec::new(), current: None }).collect(),
         }
     }
 
     /// Appends a document (tokens including EOS) to `split`.
     pub fn push_document(&mut self, split: Split, tokens: &[u32]) -> Result<(), DataError> {
-        let sw = self
-            .splits
-            .iter_mut()
-            .find(|s| s.split == split)
-            .expect("both splits exist");
+        let sw = self.splits.iter_mut().find(|s| s.split == split).expect("both splits exist");
         if sw.current.is_none() {
             let name = format!("{}-{:05}.bin", split.name(), sw.shards.len());
             sw.current = Some(ShardWriter::create(&self.dir.join(name), self.dtype)?);
@@ -218,9 +201,7 @@ impl DatasetWriter {
         let mut text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
         text.push('\n');
         let mut f = File::create(&path).map_err(|e| DataError::io(&path, e))?;
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| DataError::io(&path, e))?;
+        f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| DataError::io(&path, e))?;
         Ok(manifest)
     }
 }

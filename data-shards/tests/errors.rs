@@ -22,17 +22,7 @@ fn fixture() -> Fixture {
 }
 
 fn prepare_args<'a>(input: &'a str, tok: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec![
-        "prepare",
-        "--input",
-        input,
-        "--tokenizer",
-        tok,
-        "--output",
-        out,
-        "--shard-tokens",
-        "1000",
-    ]
+    vec!["prepare", "--input", input, "--tokenizer", tok, "--output", out, "--shard-tokens", "1000"]
 }
 
 /// A prepared dataset in `root/ds`.
@@ -105,11 +95,7 @@ fn non_utf8_text() {
 fn jsonl_line_without_field() {
     let f = fixture();
     let bad = f.root.join("docs.jsonl");
-    std::fs::write(
-        &bad,
-        "{\"text\": \"one\"}\n\n{\"content\": \"two\"}\n{\"text\": \"three\"}\n",
-    )
-    .unwrap();
+    std::fs::write(&bad, "{\"text\": \"one\"}\n\n{\"content\": \"two\"}\n{\"text\": \"three\"}\n").unwrap();
     let r = run(&prepare_args(s(&bad), s(&f.tok), s(&f.root.join("out"))), &[]);
     assert_fails_with(&r, &[s(&bad), "line 3", "no field \"text\"", "--jsonl-field"]);
     // The right field name works.
@@ -138,10 +124,7 @@ fn truncated_shard() {
         assert_fails_with(&r, &[s(&shard), "truncated", "re-run `data-shards prepare`"]);
     }
     file.set_len(20).unwrap();
-    assert_fails_with(
-        &run(&["verify", s(&ds)], &[]),
-        &[s(&shard), "shorter than the 64-byte header"],
-    );
+    assert_fails_with(&run(&["verify", s(&ds)], &[]), &[s(&shard), "shorter than the 64-byte header"]);
 }
 
 #[test]
@@ -157,11 +140,7 @@ fn flipped_byte_is_caught_by_verify() {
     let r = run(&["verify", s(&ds)], &[]);
     assert_fails_with(
         &r,
-        &[
-            s(&shard),
-            "checksum mismatch (expected ",
-            "the file is corrupted, re-run `data-shards prepare`",
-        ],
+        &[s(&shard), "checksum mismatch (expected ", "the file is corrupted, re-run `data-shards prepare`"],
     );
 }
 
@@ -182,11 +161,7 @@ fn wrong_version() {
     let f = fixture();
     let ds = prepared(&f);
     let shard = ds.join("valid-00000.bin");
-    let shard = if shard.exists() {
-        shard
-    } else {
-        ds.join("train-00000.bin")
-    };
+    let shard = if shard.exists() { shard } else { ds.join("train-00000.bin") };
     let mut bytes = std::fs::read(&shard).unwrap();
     bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
     std::fs::write(&shard, &bytes).unwrap();
@@ -224,10 +199,7 @@ fn unknown_dtype_is_a_usage_error() {
 fn seq_len_longer_than_data_via_cli() {
     let f = fixture();
     let ds = prepared(&f);
-    let r = run(
-        &["bench-loader", s(&ds), "--seq-len", "100000", "--seconds", "0.01"],
-        &[],
-    );
+    let r = run(&["bench-loader", s(&ds), "--seq-len", "100000", "--seconds", "0.01"], &[]);
     assert_fails_with(&r, &["seq_len 100000 is longer than the data (", s(&ds)]);
 }
 

@@ -105,10 +105,8 @@ fn prepare_is_deterministic_across_runs_and_thread_counts() {
     assert_eq!(outs[0], outs[2]);
     assert_eq!(outs[0], dir_contents(&a), "CLI and library agree");
     // No temporary directories are left behind.
-    let names: HashSet<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names: HashSet<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
 }
 
@@ -170,10 +168,8 @@ fn failed_prepare_leaves_nothing_that_looks_complete() {
     );
     assert_fails_with(&r, &["z.txt", "not valid UTF-8 at byte 11 (line 3)"]);
     assert!(!out.exists());
-    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut left: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     left.sort();
     assert_eq!(left, ["corpus", "tok.json"], "temporary directory left behind");
 }
@@ -203,10 +199,7 @@ fn large_vocab_uses_u32_and_u16_is_refused() {
     };
     let a16 = args("u16");
     let r = run(&a16.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &[]);
-    assert_fails_with(
-        &r,
-        &[tok.to_str().unwrap(), "70000 tokens does not fit in u16", "--dtype u32"],
-    );
+    assert_fails_with(&r, &[tok.to_str().unwrap(), "70000 tokens does not fit in u16", "--dtype u32"]);
     assert!(!out.exists());
     let auto = args("auto");
     assert_ok(&run(&auto.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &[]));

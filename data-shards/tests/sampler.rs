@@ -23,14 +23,8 @@ fn counting_dataset(dir: &Path, total: u32) -> Arc<TokenDataset> {
         w.push_document(Split::Train, &doc).unwrap();
         next += len;
     }
-    w.finish(ManifestMeta {
-        tokenizer: None,
-        vocab_size: total,
-        eos_token: None,
-        eos_id: None,
-        valid_fraction: 0.0,
-    })
-    .unwrap();
+    w.finish(ManifestMeta { tokenizer: None, vocab_size: total, eos_token: None, eos_id: None, valid_fraction: 0.0 })
+        .unwrap();
     Arc::new(TokenDataset::open(dir, Split::Train).unwrap())
 }
 
@@ -61,9 +55,7 @@ fn stream_with_dp(
     steps: usize,
     cursor: DataCursor,
 ) -> (Vec<Vec<i64>>, DataCursor) {
-    let mut loaders: Vec<RankLoader> = (0..dp)
-        .map(|r| RankLoader::new(sampler(ds, 99), r, dp, cursor))
-        .collect();
+    let mut loaders: Vec<RankLoader> = (0..dp).map(|r| RankLoader::new(sampler(ds, 99), r, dp, cursor)).collect();
     let mut windows = Vec::new();
     for _ in 0..steps {
         for l in loaders.iter_mut() {
@@ -182,10 +174,7 @@ fn seq_len_longer_than_data_is_an_error() {
     let err = WindowSampler::new(ds.clone(), 5000, 0).unwrap_err();
     assert!(matches!(err, DataError::SeqLenTooLong { .. }));
     let msg = err.to_string();
-    assert!(
-        msg.starts_with("seq_len 5000 is longer than the data (1000 tokens in "),
-        "{msg}"
-    );
+    assert!(msg.starts_with("seq_len 5000 is longer than the data (1000 tokens in "), "{msg}");
     assert!(msg.contains(&tmp.path().display().to_string()), "{msg}");
     // A window needs seq_len + 1 tokens inside one shard: the largest shard decides.
     let largest = *ds.shard_num_tokens().iter().max().unwrap() as usize;

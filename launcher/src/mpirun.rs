@@ -59,8 +59,7 @@ impl Job {
         let mut cmd = Command::new(mpirun);
         cmd.args(self.args());
         if as_root {
-            cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+            cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
         }
         cmd
     }
@@ -76,13 +75,8 @@ impl Job {
         let mut cmd = self.command(&mpirun, rustix::process::geteuid().is_root());
         // Own process group: a terminal's Ctrl-C reaches mpirun once, through the launcher, not twice. No stdin, so
         // the background group never stops on a terminal read.
-        cmd.process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", mpirun.display()))?;
+        cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", mpirun.display()))?;
 
         let (done_tx, done_rx) = mpsc::channel();
         let mut relays = 0;
@@ -105,10 +99,9 @@ impl Job {
             thread::spawn(move || {
                 let mut forwarded = None;
                 for signal in signals.forever() {
-                    let (Some(sig), Some(name)) = (
-                        rustix::process::Signal::from_named_raw(signal),
-                        signal_hook::low_level::signal_name(signal),
-                    ) else {
+                    let (Some(sig), Some(name)) =
+                        (rustix::process::Signal::from_named_raw(signal), signal_hook::low_level::signal_name(signal))
+                    else {
                         continue;
                     };
                     let exited = exited.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -129,18 +122,12 @@ impl Job {
 
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         for _ in 0..relays {
-            if done_rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .is_err()
-            {
+            if done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
                 eprintln!("launcher: mpirun exited but its output pipes are still open; not waiting for them");
                 break;
             }
         }
-        Ok(Outcome {
-            status,
-            forwarded_signal,
-        })
+        Ok(Outcome { status, forwarded_signal })
     }
 }
 
@@ -173,19 +160,13 @@ pub fn resolve_program(program: &Path) -> Result<PathBuf> {
     let path = if is_bare_name && !program.exists() {
         match find_in_path(program.as_os_str()) {
             Some(path) => path,
-            None => bail!(
-                "program {} not found on PATH; build it with `scripts/setup`",
-                program.display()
-            ),
+            None => bail!("program {} not found on PATH; build it with `scripts/setup`", program.display()),
         }
     } else {
         std::path::absolute(program).with_context(|| format!("invalid program path {}", program.display()))?
     };
     if !path.is_file() {
-        bail!(
-            "program {} does not exist; build it with `scripts/setup` (or pass --program)",
-            path.display()
-        );
+        bail!("program {} does not exist; build it with `scripts/setup` (or pass --program)", path.display());
     }
     if !is_executable(&path) {
         bail!("program {} is not executable", path.display());
@@ -194,16 +175,13 @@ pub fn resolve_program(program: &Path) -> Result<PathBuf> {
 }
 
 fn is_executable(path: &Path) -> bool {
-    path.metadata()
-        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    path.metadata().is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
 
 /// The first executable called `name` in a directory of PATH.
 fn find_in_path(name: impl AsRef<std::ffi::OsStr>) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name.as_ref()))
-        .find(|candidate| is_executable(candidate))
+    std::env::split_paths(&path).map(|dir| dir.join(name.as_ref())).find(|candidate| is_executable(candidate))
 }
 
 /// Relays one of mpirun's output pipes on a thread; sends on `done` at end of file.
@@ -285,14 +263,11 @@ fn parse_tag(s: &[u8]) -> Option<(Tag, usize)> {
     let rank_len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     let rank = std::str::from_utf8(&rest[..rank_len]).ok()?.parse().ok()?;
     let rest = rest[rank_len..].strip_prefix(b"]")?;
-    let (stream, name_len) = [
-        (Stream::Stdout, &b"<stdout>:"[..]),
-        (Stream::Stderr, b"<stderr>:"),
-        (Stream::Stderr, b"<stddiag>:"),
-    ]
-    .into_iter()
-    .find(|(_, name)| rest.starts_with(name))
-    .map(|(stream, name)| (stream, name.len()))?;
+    let (stream, name_len) =
+        [(Stream::Stdout, &b"<stdout>:"[..]), (Stream::Stderr, b"<stderr>:"), (Stream::Stderr, b"<stddiag>:")]
+            .into_iter()
+            .find(|(_, name)| rest.starts_with(name))
+            .map(|(stream, name)| (stream, name.len()))?;
     Some((Tag { rank, stream }, s.len() - rest.len() + name_len))
 }
 
@@ -301,45 +276,21 @@ mod tests {
     use super::*;
 
     fn text(pieces: Vec<(Stream, Vec<u8>)>) -> Vec<(Stream, String)> {
-        pieces
-            .into_iter()
-            .map(|(stream, out)| (stream, String::from_utf8(out).unwrap()))
-            .collect()
+        pieces.into_iter().map(|(stream, out)| (stream, String::from_utf8(out).unwrap())).collect()
     }
 
     #[test]
     fn tagged_lines_get_rank_prefix_and_stream() {
-        assert_eq!(
-            text(format_line(b"[1,0]<stdout>:hello")),
-            [(Stream::Stdout, "[rank 0] hello\n".into())]
-        );
-        assert_eq!(
-            text(format_line(b"[12,17]<stderr>:oops: x")),
-            [(Stream::Stderr, "[rank 17] oops: x\n".into())]
-        );
-        assert_eq!(
-            text(format_line(b"[1,2]<stddiag>:diag")),
-            [(Stream::Stderr, "[rank 2] diag\n".into())]
-        );
-        assert_eq!(
-            text(format_line(b"[1,3]<stdout>:")),
-            [(Stream::Stdout, "[rank 3] \n".into())]
-        );
+        assert_eq!(text(format_line(b"[1,0]<stdout>:hello")), [(Stream::Stdout, "[rank 0] hello\n".into())]);
+        assert_eq!(text(format_line(b"[12,17]<stderr>:oops: x")), [(Stream::Stderr, "[rank 17] oops: x\n".into())]);
+        assert_eq!(text(format_line(b"[1,2]<stddiag>:diag")), [(Stream::Stderr, "[rank 2] diag\n".into())]);
+        assert_eq!(text(format_line(b"[1,3]<stdout>:")), [(Stream::Stdout, "[rank 3] \n".into())]);
     }
 
     #[test]
     fn untagged_lines_pass_through_to_stderr() {
-        for line in [
-            "-----",
-            "[1,x]<stdout>:no",
-            "[,1]<stdout>:no",
-            "[1,1]<stdin>:no",
-            "mpirun noticed that",
-        ] {
-            assert_eq!(
-                text(format_line(line.as_bytes())),
-                [(Stream::Stderr, format!("{line}\n"))]
-            );
+        for line in ["-----", "[1,x]<stdout>:no", "[,1]<stdout>:no", "[1,1]<stdin>:no", "mpirun noticed that"] {
+            assert_eq!(text(format_line(line.as_bytes())), [(Stream::Stderr, format!("{line}\n"))]);
         }
     }
 
@@ -347,10 +298,7 @@ mod tests {
     fn unterminated_rank_output_followed_by_another_tag_is_split() {
         assert_eq!(
             text(format_line(b"[1,0]<stdout>:no newline[1,1]<stderr>:next [x]")),
-            [
-                (Stream::Stdout, "[rank 0] no newline\n".into()),
-                (Stream::Stderr, "[rank 1] next [x]\n".into())
-            ]
+            [(Stream::Stdout, "[rank 0] no newline\n".into()), (Stream::Stderr, "[rank 1] next [x]\n".into())]
         );
     }
 
@@ -383,11 +331,7 @@ mod tests {
                 "a.toml"
             ]
         );
-        let root: Vec<_> = job
-            .command(Path::new("mpirun"), true)
-            .get_envs()
-            .map(|(k, _)| k.to_owned())
-            .collect();
+        let root: Vec<_> = job.command(Path::new("mpirun"), true).get_envs().map(|(k, _)| k.to_owned()).collect();
         assert_eq!(root, ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"]);
         assert_eq!(job.command(Path::new("mpirun"), false).get_envs().count(), 0);
     }

@@ -73,13 +73,30 @@ impl ModelConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelConfig {
-    /// Tensor-parallel degree (ranks that split each layer).
+    /// Tensor-parallel degree (ranks that split each layer); data parallelism takes the rest.
+    #[serde(default = "one")]
     pub tensor: i64,
+    /// ZeRO-1: shard optimizer state and master weights over the data-parallel ranks.
+    #[serde(default = "yes")]
+    pub zero: bool,
+    /// A collective that has not completed after this many seconds fails the rank.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_s: f64,
+}
+
+fn one() -> i64 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_collective_timeout() -> f64 {
+    300.0
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { tensor: 1 }
+        Self { tensor: 1, zero: true, collective_timeout_s: default_collective_timeout() }
     }
 }
 
@@ -120,6 +137,10 @@ pub struct TrainConfig {
     /// Intra-op CPU threads; 0 keeps libtorch's default.
     #[serde(default)]
     pub threads: i64,
+    /// Activation recomputation: keep only each block branch's input in the forward pass and
+    /// recompute the branch in the backward pass.
+    #[serde(default)]
+    pub recompute: bool,
     #[serde(default = "default_log_every")]
     pub log_every: i64,
     /// Validation every this many steps (and after the last); 0 disables it.
@@ -130,6 +151,9 @@ pub struct TrainConfig {
     pub eval_sequences: i64,
     /// Where the resolved config and the step log go.
     pub run_dir: PathBuf,
+    /// When set, the final weights are written there in Hugging Face format.
+    #[serde(default)]
+    pub export_dir: Option<PathBuf>,
     /// Greedy sample printed after training: its prompt and length (0 disables it).
     #[serde(default)]
     pub sample_prompt: String,
@@ -239,17 +263,10 @@ impl Config {
         positive("model.max_seq_len", m.max_seq_len)?;
         positive("model.n_kv_heads", m.kv_heads())?;
         if m.dim % m.n_heads != 0 {
-            bail!(
-                "model.n_heads = {} must divide model.dim = {} (head size = dim / n_heads)",
-                m.n_heads,
-                m.dim
-            );
+            bail!("model.n_heads = {} must divide model.dim = {} (head size = dim / n_heads)", m.n_heads, m.dim);
         }
         if m.head_dim() % 2 != 0 {
-            bail!(
-                "model.dim / model.n_heads = {} must be even for rotary embeddings",
-                m.head_dim()
-            );
+            bail!("model.dim / model.n_heads = {} must be even for rotary embeddings", m.head_dim());
         }
         if m.n_heads % m.kv_heads() != 0 {
             bail!(
@@ -263,6 +280,7 @@ impl Config {
         positive_f("model.init_std", m.init_std)?;
 
         positive("parallel.tensor", self.parallel.tensor)?;
+        positive_f("parallel.collective_timeout_s", self.parallel.collective_timeout_s)?;
 
         let t = &self.train;
         positive("train.steps", t.steps)?;
@@ -332,6 +350,12 @@ impl Config {
             }
         }
         let dp = self.data_parallel(world);
+        if self.train.eval_every > 0 && self.train.eval_sequences % dp != 0 {
+            bail!(
+                "train.eval_sequences = {} must be a multiple of the {dp} data-parallel ranks",
+                self.train.eval_sequences
+            );
+        }
         let per_step = self.train.micro_batch * dp;
         if self.train.global_batch % per_step != 0 {
             bail!(
@@ -347,19 +371,15 @@ impl Config {
 /// Sets `a.b.c = value` in the TOML tree; the value is read as TOML (so `3`, `1e-3`,
 /// `true`, `"x"`, `[1, 2]` keep their types) or, failing that, as a bare string.
 fn apply_override(tree: &mut toml::Table, item: &str) -> Result<()> {
-    let (key, raw) = item
-        .split_once('=')
-        .with_context(|| format!("override {item:?} must look like section.key=value"))?;
+    let (key, raw) =
+        item.split_once('=').with_context(|| format!("override {item:?} must look like section.key=value"))?;
     let key = key.trim();
     let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let mut parts: Vec<&str> = key.split('.').collect();
-    let leaf = parts
-        .pop()
-        .filter(|l| !l.is_empty())
-        .with_context(|| format!("override {item:?} has an empty key"))?;
+    let leaf = parts.pop().filter(|l| !l.is_empty()).with_context(|| format!("override {item:?} has an empty key"))?;
     let mut table = tree;
     for part in parts {
         table = table
@@ -413,11 +433,7 @@ mod tests {
 
     #[test]
     fn overrides_keep_types_and_reach_nested_keys() {
-        let overrides = [
-            "train.steps=7".to_string(),
-            "optim.lr=1e-3".to_string(),
-            "data.path=/x y".to_string(),
-        ];
+        let overrides = ["train.steps=7".to_string(), "optim.lr=1e-3".to_string(), "data.path=/x y".to_string()];
         let config = Config::parse(TINY, &overrides).unwrap();
         assert_eq!(config.train.steps, 7);
         assert_eq!(config.optim.lr, 1e-3);
@@ -434,33 +450,18 @@ mod tests {
     fn bad_configs_name_key_value_and_rule() {
         let cases: &[(&[&str], &str)] = &[
             (&["train.bogus=1"], "unknown field `bogus`"),
-            (
-                &["train.steps=\"many\""],
-                "key `train.steps`: invalid type: string \"many\"",
-            ),
+            (&["train.steps=\"many\""], "key `train.steps`: invalid type: string \"many\""),
             (&["model.n_heads=7"], "model.n_heads = 7 must divide model.dim = 256"),
             (&["optim.lr=-0.1"], "optim.lr = -0.1 must be a positive number"),
             (&["train.steps=0"], "train.steps = 0 must be > 0"),
-            (
-                &["model.n_kv_heads=3"],
-                "model.n_kv_heads = 3 must divide model.n_heads = 8",
-            ),
-            (
-                &["train.seq_len=4096"],
-                "train.seq_len = 4096 exceeds model.max_seq_len",
-            ),
-            (
-                &["train.global_batch=10", "train.micro_batch=4"],
-                "must be a multiple of train.micro_batch = 4",
-            ),
+            (&["model.n_kv_heads=3"], "model.n_kv_heads = 3 must divide model.n_heads = 8"),
+            (&["train.seq_len=4096"], "train.seq_len = 4096 exceeds model.max_seq_len"),
+            (&["train.global_batch=10", "train.micro_batch=4"], "must be a multiple of train.micro_batch = 4"),
             (&["optim.min_lr=1.0"], "optim.min_lr = 1 must be between 0 and optim.lr"),
         ];
         for (overrides, expected) in cases {
             let error = error_of(TINY, overrides);
-            assert!(
-                error.contains(expected),
-                "{overrides:?}: got {error:?}, want {expected:?}"
-            );
+            assert!(error.contains(expected), "{overrides:?}: got {error:?}, want {expected:?}");
         }
         assert!(error_of("model = [", &[]).contains("not valid TOML"));
     }
@@ -469,15 +470,9 @@ mod tests {
     fn layouts_are_checked_against_the_shape() {
         let config = Config::parse(TINY, &["parallel.tensor=3".into()]).unwrap();
         let error = format!("{:#}", config.validate_layout(6).unwrap_err());
-        assert!(
-            error.contains("parallel.tensor = 3 must divide model.n_heads = 8"),
-            "{error}"
-        );
+        assert!(error.contains("parallel.tensor = 3 must divide model.n_heads = 8"), "{error}");
         let config = Config::parse(TINY, &["parallel.tensor=4".into()]).unwrap();
         let error = format!("{:#}", config.validate_layout(6).unwrap_err());
-        assert!(
-            error.contains("world size 6 is not divisible by parallel.tensor = 4"),
-            "{error}"
-        );
+        assert!(error.contains("world size 6 is not divisible by parallel.tensor = 4"), "{error}");
     }
 }

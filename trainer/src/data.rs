@@ -11,6 +11,8 @@ pub struct TrainData {
     loader: RankLoader,
     validation: Option<WindowSampler>,
     window: i64,
+    dp_rank: usize,
+    dp_size: usize,
     device: Device,
     pub tokenizer_path: Option<PathBuf>,
 }
@@ -22,9 +24,7 @@ impl TrainData {
         let (train, valid) = match config.data.format {
             DataFormat::Shards => (
                 TokenDataset::open(path, Split::Train)?,
-                (config.train.eval_every > 0)
-                    .then(|| TokenDataset::open(path, Split::Valid))
-                    .transpose()?,
+                (config.train.eval_every > 0).then(|| TokenDataset::open(path, Split::Valid)).transpose()?,
             ),
             DataFormat::Megatron => {
                 if config.train.eval_every > 0 {
@@ -44,9 +44,7 @@ impl TrainData {
         }
         let tokenizer_path = train.tokenizer_path();
         let sampler = WindowSampler::new(Arc::new(train), seq_len, seed)?;
-        let validation = valid
-            .map(|v| WindowSampler::new(Arc::new(v), seq_len, seed))
-            .transpose()?;
+        let validation = valid.map(|v| WindowSampler::new(Arc::new(v), seq_len, seed)).transpose()?;
         if let Some(v) = &validation {
             if (v.num_windows() as i64) < config.train.eval_sequences {
                 bail!(
@@ -62,6 +60,8 @@ impl TrainData {
             loader: RankLoader::new(sampler, dp_rank, dp_size, DataCursor::default()),
             validation,
             window: seq_len as i64 + 1,
+            dp_rank,
+            dp_size,
             device,
             tokenizer_path,
         })
@@ -70,26 +70,24 @@ impl TrainData {
     /// This rank's share of the next global batch: [global_batch / dp, seq_len + 1] token ids.
     pub fn next_batch(&mut self, global_batch: i64) -> Tensor {
         let tokens = self.loader.next_batch(global_batch as usize);
-        Tensor::from_slice(&tokens)
-            .view([-1, self.window])
-            .to_device(self.device)
+        Tensor::from_slice(&tokens).view([-1, self.window]).to_device(self.device)
     }
 
-    /// The validation windows (the same ones every time), `micro_batch` at a time.
+    /// This data-parallel rank's share of the validation windows (the same ones every
+    /// time), `micro_batch` at a time.
     pub fn validation_batches(&self, sequences: i64, micro_batch: i64) -> Vec<Tensor> {
         let Some(sampler) = &self.validation else {
             return Vec::new();
         };
+        let share = sequences as u64 / self.dp_size as u64;
+        let first = share * self.dp_rank as u64;
         let mut window = vec![0i64; self.window as usize];
-        let mut all = Vec::with_capacity((sequences * self.window) as usize);
-        for index in 0..sequences as u64 {
+        let mut all = Vec::with_capacity(share as usize * self.window as usize);
+        for index in first..first + share {
             sampler.window_into(index, &mut window);
             all.extend_from_slice(&window);
         }
-        Tensor::from_slice(&all)
-            .view([-1, self.window])
-            .to_device(self.device)
-            .split(micro_batch, 0)
+        Tensor::from_slice(&all).view([-1, self.window]).to_device(self.device).split(micro_batch, 0)
     }
 }
 

@@ -1,15 +1,22 @@
-//! Segment-by-segment forward and backward: the trainer, not autograd, drives the backward pass.
+//! Segment-by-segment forward and backward with the tensor-parallel collectives between segments: the trainer, not autograd, drives the backward pass.
 //!
 //! tch has no custom autograd functions or tensor hooks, so every place where a collective
 //! or a schedule decision must sit between two parts of the graph is a segment boundary:
 //! each segment runs from a detached leaf input, the residual stream is added outside the
 //! graph, and the backward pass walks the segments last to first, handing each one the
 //! gradient of its output (`(out * grad_out).sum()` backpropagated gives the exact
-//! vector-Jacobian product). The same schedule gives activation recomputation: drop a
-//! segment's graph after its forward and rerun the forward in the backward pass.
-use crate::model::{Llama, SegmentKind};
+//! vector-Jacobian product). Under tensor parallelism a segment's output is this rank's
+//! partial sum (all-reduced in the forward pass, Megatron's g) and its input gradient is
+//! partial too (all-reduced in the backward pass, Megatron's f). The same schedule gives
+//! activation recomputation (keep only a segment's input, rerun its forward in backward)
+//! and lets data-parallel reduction of a segment's gradients start as soon as they are final.
+use crate::comm::{Comm, GroupKind, ReduceOp};
+use crate::config::ModelConfig;
+use crate::model::{Llama, SegmentKind, TpShard};
 use crate::params::FlatParams;
-use tch::Tensor;
+use anyhow::Result;
+use std::sync::Arc;
+use tch::{Kind, Tensor};
 
 /// What the forward pass keeps of one residual branch for its backward.
 enum Saved {
@@ -23,51 +30,60 @@ enum Saved {
 pub struct Engine {
     pub model: Llama,
     pub params: FlatParams,
+    comm: Arc<Comm>,
     kinds: Vec<SegmentKind>,
     recompute: bool,
 }
 
 impl Engine {
-    pub fn new(params: FlatParams, model_config: &crate::config::ModelConfig, recompute: bool) -> Engine {
+    pub fn new(params: FlatParams, model_config: &ModelConfig, comm: Arc<Comm>, recompute: bool) -> Engine {
         let kinds = params.specs().iter().map(|s| s.kind).collect();
-        let model = Llama::new(model_config, params.leaves());
-        Engine {
-            model,
-            params,
-            kinds,
-            recompute,
-        }
+        let tensor = comm.topology.tensor;
+        let tp = TpShard { rank: tensor.rank as i64, size: tensor.size as i64 };
+        let model = Llama::new(model_config, tp, params.leaves());
+        Engine { model, params, comm, kinds, recompute }
+    }
+
+    pub fn comm(&self) -> &Arc<Comm> {
+        &self.comm
     }
 
     /// Forward and backward of one micro-batch. `tokens`: [batch, seq + 1] ids; the loss is
     /// the sum of token cross-entropies divided by `loss_denominator` (the token count of
     /// the whole step, so gradients of micro-batches add up to the step's mean). Gradients
-    /// are added to the flat gradient buffer. Returns this micro-batch's share of the loss.
-    pub fn forward_backward(&self, tokens: &Tensor, loss_denominator: f64) -> f64 {
+    /// are added to the flat gradient buffer; `grads_final(segment)` is called as soon as a
+    /// segment's backward is done, when `Some` (on the step's last micro-batch). Returns
+    /// this micro-batch's share of the loss.
+    pub fn forward_backward(
+        &self,
+        tokens: &Tensor,
+        loss_denominator: f64,
+        mut grads_final: Option<&mut dyn FnMut(usize)>,
+    ) -> Result<f64> {
         let seq = tokens.size()[1] - 1;
         let (input, targets) = (tokens.narrow(1, 0, seq), tokens.narrow(1, 1, seq));
         let last = self.kinds.len() - 1;
 
         let embedded = self.model.segment_forward(0, SegmentKind::Embedding, &input);
-        let mut stream = embedded.detach();
+        let mut stream = self.tp_sum(&embedded)?;
         let mut saved = Vec::with_capacity(last);
         for (segment, &kind) in self.kinds.iter().enumerate().take(last).skip(1) {
             let input = stream.detach().set_requires_grad(true);
             let output = self.model.segment_forward(segment, kind, &input);
-            stream = &stream + output.detach();
-            saved.push(if self.recompute {
-                Saved::Input(input)
-            } else {
-                Saved::Graph { input, output }
-            });
+            stream = &stream + self.tp_sum(&output)?;
+            saved.push(if self.recompute { Saved::Input(input) } else { Saved::Graph { input, output } });
         }
         let head_input = stream.set_requires_grad(true);
         let logits = self.model.segment_forward(last, SegmentKind::Head, &head_input);
-        let loss = Llama::loss_sum(&logits, &targets) / loss_denominator;
+        let loss = self.loss_sum(&logits, &targets)? / loss_denominator;
 
-        let mut grad = self
-            .backward_segment(last, &loss, Some(&head_input))
-            .expect("head input grad");
+        let mut notify = |segment: usize| {
+            if let Some(f) = grads_final.as_mut() {
+                f(segment)
+            }
+        };
+        let mut grad = self.backward_segment(last, &loss, Some(&head_input))?.expect("head input grad");
+        notify(last);
         for (segment, saved) in saved.into_iter().enumerate().rev().map(|(i, s)| (i + 1, s)) {
             let (input, output) = match saved {
                 Saved::Graph { input, output } => (input, output),
@@ -76,41 +92,107 @@ impl Engine {
                     (input, output)
                 }
             };
-            let input_grad = self.backward_segment(segment, &(output * &grad).sum(None), Some(&input));
-            grad = grad + input_grad.expect("branch input grad");
+            let input_grad = self.backward_segment(segment, &(output * &grad).sum(None), Some(&input))?;
+            grad += input_grad.expect("branch input grad");
+            notify(segment);
         }
-        self.backward_segment(0, &(embedded * grad).sum(None), None);
-        loss.double_value(&[])
+        self.backward_segment(0, &(embedded * grad).sum(None), None)?;
+        notify(0);
+        Ok(loss.double_value(&[]))
     }
 
     /// Backpropagates the scalar `objective` into `segment`'s parameter gradients and
-    /// returns the gradient of its input leaf, if it has one.
-    fn backward_segment(&self, segment: usize, objective: &Tensor, input: Option<&Tensor>) -> Option<Tensor> {
+    /// returns the gradient of its input leaf, if it has one, summed over the
+    /// tensor-parallel group.
+    fn backward_segment(&self, segment: usize, objective: &Tensor, input: Option<&Tensor>) -> Result<Option<Tensor>> {
         let leaves = self.params.segment_leaves(segment);
         let mut wrt: Vec<&Tensor> = leaves.iter().collect();
         wrt.extend(input);
         let mut grads = Tensor::run_backward(&[objective], &wrt, false, false);
         let input_grad = input.map(|_| grads.pop().expect("one grad per input"));
         self.params.accumulate_grads(segment, &grads);
-        input_grad
+        input_grad.map(|g| self.tp_sum(&g)).transpose()
     }
 
-    /// Logits for `tokens` [batch, seq] without building a graph.
-    pub fn logits(&self, tokens: &Tensor) -> Tensor {
+    /// The sum of a partial result over the tensor-parallel group (outside any graph).
+    fn tp_sum(&self, partial: &Tensor) -> Result<Tensor> {
+        if self.comm.topology.tensor.size == 1 {
+            return Ok(partial.detach());
+        }
+        let total = partial.detach().copy();
+        self.comm.all_reduce(GroupKind::Tensor, &total, ReduceOp::Sum).wait()?;
+        Ok(total)
+    }
+
+    /// Sum of the token cross-entropies, differentiable with respect to this rank's logits.
+    /// Under tensor parallelism each rank holds a slice of the vocabulary and the logits
+    /// are never gathered: the max, the sum of exponentials and the target logit are
+    /// reduced over the group, entering the graph as `local + (global - local).detach()`
+    /// so the gradient flows into the local logits exactly.
+    fn loss_sum(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if self.comm.topology.tensor.size == 1 {
+            return Ok(Llama::loss_sum(logits, targets));
+        }
+        let logits = if logits.kind() == Kind::BFloat16 { logits.to_kind(Kind::Float) } else { logits.shallow_clone() };
+        let (start, size) = self.model.vocab_slice();
+        let max = logits.detach().amax([-1], true);
+        self.comm.all_reduce(GroupKind::Tensor, &max, ReduceOp::Max).wait()?;
+        let shifted = &logits - max;
+        let local_sum_exp = shifted.exp().sum_dim_intlist([-1i64].as_slice(), false, None);
+        let local_targets = targets - start;
+        let outside = local_targets.lt(0).logical_or(&local_targets.ge(size));
+        let target_logit = shifted
+            .gather(-1, &local_targets.masked_fill(&outside, 0).unsqueeze(-1), false)
+            .squeeze_dim(-1)
+            .masked_fill(&outside, 0.0);
+        let sum_exp = self.with_tp_total(&local_sum_exp)?;
+        let target_logit = self.with_tp_total(&target_logit)?;
+        Ok((sum_exp.log() - target_logit).sum(None))
+    }
+
+    /// `local` with the value of its sum over the tensor-parallel group and the gradient of `local`.
+    fn with_tp_total(&self, local: &Tensor) -> Result<Tensor> {
+        let total = self.tp_sum(local)?;
+        Ok(local + (total - local.detach()))
+    }
+
+    /// This rank's logits (its vocabulary slice under tensor parallelism) for `tokens`
+    /// [batch, seq], without building a graph.
+    pub fn logits(&self, tokens: &Tensor) -> Result<Tensor> {
         tch::no_grad(|| {
             let last = self.kinds.len() - 1;
-            let mut stream = self.model.segment_forward(0, SegmentKind::Embedding, tokens);
+            let mut stream = self.tp_sum(&self.model.segment_forward(0, SegmentKind::Embedding, tokens))?;
             for (segment, &kind) in self.kinds.iter().enumerate().take(last).skip(1) {
-                stream = &stream + self.model.segment_forward(segment, kind, &stream);
+                stream = &stream + self.tp_sum(&self.model.segment_forward(segment, kind, &stream))?;
             }
-            self.model.segment_forward(last, SegmentKind::Head, &stream)
+            Ok(self.model.segment_forward(last, SegmentKind::Head, &stream))
         })
     }
 
-    /// Mean token cross-entropy of `tokens` [batch, seq + 1] without building a graph.
-    pub fn eval_loss_sum(&self, tokens: &Tensor) -> f64 {
+    /// Logits over the whole vocabulary (gathered over the tensor-parallel group).
+    pub fn full_logits(&self, tokens: &Tensor) -> Result<Tensor> {
+        let local = self.logits(tokens)?;
+        self.gather_tp(&local, local.dim() - 1)
+    }
+
+    /// Concatenates every tensor-parallel rank's `local` along `dim`, in rank order.
+    pub fn gather_tp(&self, local: &Tensor, dim: usize) -> Result<Tensor> {
+        let tp = self.comm.topology.tensor.size as i64;
+        if tp == 1 {
+            return Ok(local.shallow_clone());
+        }
+        let moved = local.movedim(dim as i64, 0).contiguous();
+        let mut size = moved.size();
+        size[0] *= tp;
+        let gathered = Tensor::empty(size.as_slice(), (moved.kind(), moved.device()));
+        self.comm.all_gather(GroupKind::Tensor, &moved, &gathered).wait()?;
+        Ok(gathered.movedim(0, dim as i64))
+    }
+
+    /// Sum of the token cross-entropies of `tokens` [batch, seq + 1], without a graph.
+    pub fn eval_loss_sum(&self, tokens: &Tensor) -> Result<f64> {
         let seq = tokens.size()[1] - 1;
-        let logits = self.logits(&tokens.narrow(1, 0, seq));
-        tch::no_grad(|| Llama::loss_sum(&logits, &tokens.narrow(1, 1, seq)).double_value(&[]))
+        let logits = self.logits(&tokens.narrow(1, 0, seq))?;
+        tch::no_grad(|| Ok(self.loss_sum(&logits, &tokens.narrow(1, 1, seq))?.double_value(&[])))
     }
 }

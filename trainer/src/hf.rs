@@ -1,11 +1,11 @@
-//! Hugging Face LLaMA format: `config.json` from our model config, and weights as safetensors under Hugging Face names.
-use crate::config::ModelConfig;
-use crate::params::FlatParams;
+//! Hugging Face LLaMA format: `config.json` from our model config, weights as safetensors under Hugging Face names, and export of a trained model.
+use crate::config::{Config, ModelConfig};
+use crate::engine::Engine;
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// The `config.json` of `LlamaForCausalLM` for this shape.
 pub fn config_json(m: &ModelConfig, torch_dtype: &str) -> serde_json::Value {
@@ -31,18 +31,67 @@ pub fn config_json(m: &ModelConfig, torch_dtype: &str) -> serde_json::Value {
     })
 }
 
-/// Writes every parameter under its Hugging Face name to one safetensors file.
-pub fn save_weights(params: &FlatParams, path: &Path) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = params
-        .hf_tensors()
-        .into_iter()
-        .map(|(name, t)| (name, t.to_device(tch::Device::Cpu).contiguous()))
-        .collect();
-    Tensor::write_safetensors(&tensors, path).with_context(|| format!("cannot write {}", path.display()))
+/// Every parameter as a whole (global) CPU tensor under its Hugging Face name, gathered over
+/// the tensor-parallel group. Every rank of the group must call it.
+pub fn gather_weights(engine: &Engine) -> Result<Vec<(String, Tensor)>> {
+    engine
+        .params
+        .hf_values()
+        .map(|(piece, local)| {
+            let whole = match piece.split {
+                None => local,
+                Some((dim, _)) => engine.gather_tp(&local, dim)?,
+            };
+            Ok((piece.name.clone(), whole.to_device(Device::Cpu).contiguous()))
+        })
+        .collect()
+}
+
+/// Writes named tensors to one safetensors file.
+pub fn save_weights(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    Tensor::write_safetensors(tensors, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Reads every tensor of a safetensors file by name.
 pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
     let tensors = Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(tensors.into_iter().collect())
+}
+
+/// Writes the model as a Hugging Face directory (`config.json`, `model.safetensors`,
+/// `generation_config.json`, and the tokenizer when known), published by rename so a
+/// crash never leaves a half-written export. Collective: every rank calls it; the first
+/// data-parallel replica gathers and rank 0 writes.
+pub fn export(engine: &Engine, config: &Config, tokenizer: Option<&Path>, dir: &Path) -> Result<()> {
+    let topology = engine.comm().topology;
+    if topology.data.rank != 0 {
+        return Ok(());
+    }
+    let weights = gather_weights(engine)?;
+    if topology.rank != 0 {
+        return Ok(());
+    }
+    let name = dir.file_name().context("the export directory needs a name")?.to_string_lossy();
+    let staging = dir.with_file_name(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    let dtype = match config.train.dtype {
+        crate::config::Dtype::Float32 => "float32",
+        crate::config::Dtype::Float64 => "float64",
+        crate::config::Dtype::Bfloat16 => "bfloat16",
+    };
+    std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&config_json(&config.model, dtype))?)?;
+    let generation = json!({"do_sample": false, "max_length": config.model.max_seq_len});
+    std::fs::write(staging.join("generation_config.json"), serde_json::to_string_pretty(&generation)?)?;
+    save_weights(&weights, &staging.join("model.safetensors"))?;
+    if let Some(tokenizer) = tokenizer {
+        std::fs::copy(tokenizer, staging.join("tokenizer.json"))
+            .with_context(|| format!("cannot copy {}", tokenizer.display()))?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot replace {}", dir.display()))?;
+    }
+    std::fs::rename(&staging, dir).with_context(|| format!("cannot publish {}", dir.display()))?;
+    tracing::info!("exported the model in Hugging Face format to {}", dir.display());
+    Ok(())
 }

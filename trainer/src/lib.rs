@@ -1,4 +1,5 @@
 //! The trainer library: configuration, model, segment engine, optimizer and training loop.
+pub mod comm;
 pub mod config;
 pub mod data;
 pub mod engine;
@@ -7,3 +8,4 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod train;
+pub mod zero;

@@ -1,6 +1,7 @@
 //! The `trainer` command line: train, count parameters.
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::config::Config;
@@ -72,10 +73,12 @@ fn run(command: Command) -> Result<()> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let colors = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(colors);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -23,14 +23,41 @@ pub enum Init {
     Normal(f64),
 }
 
-/// A Hugging Face tensor stored as rows `[row_offset, row_offset + rows)` of a trainable
-/// tensor (q/k/v share one, so do gate/up: one matmul each instead of three or two).
+/// This rank's share of a tensor-parallel group: it holds part `rank` of `size` of every
+/// split tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TpShard {
+    pub rank: i64,
+    pub size: i64,
+}
+
+impl TpShard {
+    pub const ALONE: TpShard = TpShard { rank: 0, size: 1 };
+}
+
+/// (This rank's part of) a Hugging Face tensor, stored as rows `[row_offset, row_offset +
+/// shape[0])` of a trainable tensor (q/k/v share one, so do gate/up: one matmul each
+/// instead of three or two).
 #[derive(Debug, Clone)]
 pub struct HfPiece {
     pub name: String,
+    pub global_shape: Vec<i64>,
+    /// Where this rank's part starts: (dimension, offset); `None`: the whole tensor (replicated).
+    pub split: Option<(usize, i64)>,
+    /// The shape held here.
     pub shape: Vec<i64>,
     pub row_offset: i64,
     pub init: Init,
+}
+
+impl HfPiece {
+    /// This rank's part of the global tensor `value`.
+    pub fn local_part(&self, value: &Tensor) -> Tensor {
+        match self.split {
+            None => value.shallow_clone(),
+            Some((dim, start)) => value.narrow(dim as i64, start, self.shape[dim]),
+        }
+    }
 }
 
 /// A trainable tensor: the unit autograd sees.
@@ -47,40 +74,41 @@ impl LeafSpec {
         self.shape.iter().product()
     }
 
-    fn matrix(rows: &[(String, i64, Init)], cols: i64) -> LeafSpec {
+    /// Every tensor-parallel rank holds the whole leaf (its gradient is partial per rank).
+    pub fn replicated(&self) -> bool {
+        self.pieces.iter().all(|p| p.split.is_none())
+    }
+
+    /// A matrix made of Hugging Face tensors of `cols` columns stacked by rows; `split` is
+    /// the dimension divided over tensor-parallel ranks.
+    fn matrix(rows: &[(String, i64, Init)], cols: i64, split: usize, tp: TpShard) -> LeafSpec {
         let mut row_offset = 0;
         let pieces = rows
             .iter()
             .map(|(name, n, init)| {
+                let global_shape = vec![*n, cols];
+                let mut shape = global_shape.clone();
+                shape[split] /= tp.size;
                 let piece = HfPiece {
                     name: name.clone(),
-                    shape: vec![*n, cols],
+                    split: (tp.size > 1).then_some((split, tp.rank * shape[split])),
+                    global_shape,
                     row_offset,
                     init: *init,
+                    shape,
                 };
-                row_offset += n;
+                row_offset += piece.shape[0];
                 piece
             })
             .collect();
-        LeafSpec {
-            shape: vec![row_offset, cols],
-            pieces,
-            decay: true,
-        }
+        let cols = if split == 1 { cols / tp.size } else { cols };
+        LeafSpec { shape: vec![row_offset, cols], pieces, decay: true }
     }
 
     fn norm(name: String, dim: i64) -> LeafSpec {
-        let piece = HfPiece {
-            name,
-            shape: vec![dim],
-            row_offset: 0,
-            init: Init::Ones,
-        };
-        LeafSpec {
-            shape: vec![dim],
-            pieces: vec![piece],
-            decay: false,
-        }
+        let piece =
+            HfPiece { name, global_shape: vec![dim], split: None, shape: vec![dim], row_offset: 0, init: Init::Ones };
+        LeafSpec { shape: vec![dim], pieces: vec![piece], decay: false }
     }
 }
 
@@ -90,17 +118,18 @@ pub struct SegmentSpec {
     pub leaves: Vec<LeafSpec>,
 }
 
-/// The trainable tensors of the whole model, segment by segment in forward order.
-pub fn segment_specs(m: &ModelConfig) -> Vec<SegmentSpec> {
+/// The trainable tensors of the whole model held by tensor-parallel rank `tp`, segment by
+/// segment in forward order, as in Megatron-LM: q/k/v and gate/up split by rows
+/// (column-parallel), o and down by columns (row-parallel), embedding and head by vocabulary
+/// rows, norms replicated.
+pub fn segment_specs(m: &ModelConfig, tp: TpShard) -> Vec<SegmentSpec> {
     let (d, hd, f) = (m.dim, m.head_dim(), m.ffn_dim);
     let std = Init::Normal(m.init_std);
     let out_std = Init::Normal(m.init_std / (2.0 * m.n_layers as f64).sqrt());
+    let (rows, cols) = (0, 1);
     let mut segments = vec![SegmentSpec {
         kind: SegmentKind::Embedding,
-        leaves: vec![LeafSpec::matrix(
-            &[("model.embed_tokens.weight".into(), m.vocab_size, std)],
-            d,
-        )],
+        leaves: vec![LeafSpec::matrix(&[("model.embed_tokens.weight".into(), m.vocab_size, std)], d, rows, tp)],
     }];
     for layer in 0..m.n_layers as usize {
         let p = format!("model.layers.{layer}");
@@ -115,8 +144,10 @@ pub fn segment_specs(m: &ModelConfig) -> Vec<SegmentSpec> {
                         (format!("{p}.self_attn.v_proj.weight"), m.kv_heads() * hd, std),
                     ],
                     d,
+                    rows,
+                    tp,
                 ),
-                LeafSpec::matrix(&[(format!("{p}.self_attn.o_proj.weight"), d, out_std)], m.n_heads * hd),
+                LeafSpec::matrix(&[(format!("{p}.self_attn.o_proj.weight"), d, out_std)], m.n_heads * hd, cols, tp),
             ],
         });
         segments.push(SegmentSpec {
@@ -124,13 +155,12 @@ pub fn segment_specs(m: &ModelConfig) -> Vec<SegmentSpec> {
             leaves: vec![
                 LeafSpec::norm(format!("{p}.post_attention_layernorm.weight"), d),
                 LeafSpec::matrix(
-                    &[
-                        (format!("{p}.mlp.gate_proj.weight"), f, std),
-                        (format!("{p}.mlp.up_proj.weight"), f, std),
-                    ],
+                    &[(format!("{p}.mlp.gate_proj.weight"), f, std), (format!("{p}.mlp.up_proj.weight"), f, std)],
                     d,
+                    rows,
+                    tp,
                 ),
-                LeafSpec::matrix(&[(format!("{p}.mlp.down_proj.weight"), d, out_std)], f),
+                LeafSpec::matrix(&[(format!("{p}.mlp.down_proj.weight"), d, out_std)], f, cols, tp),
             ],
         });
     }
@@ -138,7 +168,7 @@ pub fn segment_specs(m: &ModelConfig) -> Vec<SegmentSpec> {
         kind: SegmentKind::Head,
         leaves: vec![
             LeafSpec::norm("model.norm.weight".into(), d),
-            LeafSpec::matrix(&[("lm_head.weight".into(), m.vocab_size, std)], d),
+            LeafSpec::matrix(&[("lm_head.weight".into(), m.vocab_size, std)], d, rows, tp),
         ],
     });
     segments
@@ -155,17 +185,11 @@ impl Rope {
     fn new(m: &ModelConfig, kind: Kind, device: tch::Device) -> Rope {
         let hd = m.head_dim();
         let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Double, device)) / hd as f64;
-        let inv_freq = Tensor::from(m.rope_theta)
-            .to_device(device)
-            .pow(&exponents)
-            .reciprocal();
+        let inv_freq = Tensor::from(m.rope_theta).to_device(device).pow(&exponents).reciprocal();
         let positions = Tensor::arange(m.max_seq_len, (Kind::Double, device));
         let freqs = positions.outer(&inv_freq);
         let angles = Tensor::cat(&[&freqs, &freqs], -1);
-        Rope {
-            cos: angles.cos().to_kind(kind),
-            sin: angles.sin().to_kind(kind),
-        }
+        Rope { cos: angles.cos().to_kind(kind), sin: angles.sin().to_kind(kind) }
     }
 
     /// `x`: [batch, heads, seq, head_dim].
@@ -183,20 +207,17 @@ impl Rope {
 #[derive(Debug)]
 pub struct Llama {
     config: ModelConfig,
+    tp: TpShard,
     /// Trainable tensors per segment, in `segment_specs` order.
     leaves: Vec<Vec<Tensor>>,
     rope: Rope,
 }
 
 impl Llama {
-    pub fn new(config: &ModelConfig, leaves: Vec<Vec<Tensor>>) -> Llama {
+    pub fn new(config: &ModelConfig, tp: TpShard, leaves: Vec<Vec<Tensor>>) -> Llama {
         let first = &leaves[0][0];
         let rope = Rope::new(config, first.kind(), first.device());
-        Llama {
-            config: config.clone(),
-            leaves,
-            rope,
-        }
+        Llama { config: config.clone(), tp, leaves, rope }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -204,11 +225,13 @@ impl Llama {
     }
 
     /// Runs one segment: the embedding takes token ids, a residual branch takes the
-    /// residual stream and returns what it adds to it, the head returns the logits.
+    /// residual stream and returns what it adds to it, the head returns the logits. Under
+    /// tensor parallelism the embedding's and the branches' outputs are this rank's partial
+    /// sums and the head's logits cover this rank's slice of the vocabulary.
     pub fn segment_forward(&self, segment: usize, kind: SegmentKind, input: &Tensor) -> Tensor {
         let w = &self.leaves[segment];
         match kind {
-            SegmentKind::Embedding => Tensor::embedding(&w[0], input, -1, false, false),
+            SegmentKind::Embedding => self.embedding(input, &w[0]),
             SegmentKind::Attention(_) => self.attention(input, &w[0], &w[1], &w[2]),
             SegmentKind::Mlp(_) => self.mlp(input, &w[0], &w[1], &w[2]),
             SegmentKind::Head => self.norm(input, &w[0]).linear(&w[1], None::<Tensor>),
@@ -220,12 +243,26 @@ impl Llama {
         let vocab = logits.size()[2];
         let logits = logits.view([-1, vocab]);
         // Half-precision logits are upcast; f32 and f64 stay as they are.
-        let logits = if logits.kind() == Kind::BFloat16 {
-            logits.to_kind(Kind::Float)
-        } else {
-            logits
-        };
+        let logits = if logits.kind() == Kind::BFloat16 { logits.to_kind(Kind::Float) } else { logits };
         logits.cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, Reduction::Sum, -100, 0.0)
+    }
+
+    /// Vocabulary-parallel lookup: rows of tokens outside this rank's slice are zero.
+    fn embedding(&self, tokens: &Tensor, weight: &Tensor) -> Tensor {
+        if self.tp.size == 1 {
+            return Tensor::embedding(weight, tokens, -1, false, false);
+        }
+        let rows = weight.size()[0];
+        let local = tokens - self.tp.rank * rows;
+        let outside = local.lt(0).logical_or(&local.ge(rows));
+        let embedded = Tensor::embedding(weight, &local.masked_fill(&outside, 0), -1, false, false);
+        embedded.masked_fill(&outside.unsqueeze(-1), 0.0)
+    }
+
+    /// First vocabulary id of this rank's slice, and the slice's size.
+    pub fn vocab_slice(&self) -> (i64, i64) {
+        let rows = self.config.vocab_size / self.tp.size;
+        (self.tp.rank * rows, rows)
     }
 
     fn norm(&self, x: &Tensor, weight: &Tensor) -> Tensor {
@@ -247,10 +284,7 @@ impl Llama {
         let v = split_heads(&parts[2], kv_heads);
         let attended =
             Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, heads != kv_heads);
-        attended
-            .transpose(1, 2)
-            .reshape([batch, seq, heads * hd])
-            .linear(out, None::<Tensor>)
+        attended.transpose(1, 2).reshape([batch, seq, heads * hd]).linear(out, None::<Tensor>)
     }
 
     fn mlp(&self, x: &Tensor, norm: &Tensor, gate_up: &Tensor, down: &Tensor) -> Tensor {

@@ -1,6 +1,5 @@
 //! AdamW over flat buffers, the warmup + cosine learning-rate schedule, and global-norm gradient clipping.
 use crate::config::OptimConfig;
-use crate::params::master_kind;
 use std::ops::Range;
 use tch::Tensor;
 
@@ -25,14 +24,12 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
-/// AdamW (decoupled weight decay, as `torch.optim.AdamW`) over one flat slice of the
-/// parameters; the state lives in flat buffers of the master dtype.
+/// AdamW (decoupled weight decay, as `torch.optim.AdamW`) over one flat slice of weights
+/// in the master dtype (f32, or f64 for exactness runs); the state lives in flat buffers.
 #[derive(Debug)]
 pub struct AdamW {
     config: OptimConfig,
     step: i64,
-    /// fp32 copy of the parameters when they are kept in a lower precision.
-    master: Option<Tensor>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     scratch: Tensor,
@@ -41,27 +38,22 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(config: &OptimConfig, params: &Tensor, decay_ranges: Vec<Range<i64>>) -> AdamW {
-        let kind = master_kind(params.kind());
-        let master = (kind != params.kind()).then(|| params.to_kind(kind));
-        let zeros = || Tensor::zeros_like(params).to_kind(kind);
+    pub fn new(config: &OptimConfig, weights: &Tensor, decay_ranges: Vec<Range<i64>>) -> AdamW {
         AdamW {
             config: config.clone(),
             step: 0,
-            master,
-            exp_avg: zeros(),
-            exp_avg_sq: zeros(),
-            scratch: zeros(),
+            exp_avg: Tensor::zeros_like(weights),
+            exp_avg_sq: Tensor::zeros_like(weights),
+            scratch: Tensor::zeros_like(weights),
             decay_ranges,
         }
     }
 
-    /// One update of `params` from `grads` (both the flat slice this optimizer owns).
-    pub fn step(&mut self, params: &mut Tensor, grads: &Tensor, lr: f64) {
+    /// One update of `weights` from `grads` (both the flat slice this optimizer owns).
+    pub fn step(&mut self, weights: &mut Tensor, grads: &Tensor, lr: f64) {
         tch::no_grad(|| {
             self.step += 1;
             let c = &self.config;
-            let weights = self.master.as_mut().unwrap_or(params);
             if c.weight_decay > 0.0 {
                 for range in &self.decay_ranges {
                     let _ = weights
@@ -70,13 +62,10 @@ impl AdamW {
                 }
             }
             let _ = self.exp_avg.lerp_(grads, 1.0 - c.beta1);
-            let _ = self
-                .exp_avg_sq
-                .g_mul_scalar_(c.beta2)
-                .addcmul_(grads, &(grads * (1.0 - c.beta2)));
+            let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2).addcmul_(grads, &(grads * (1.0 - c.beta2)));
             let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
             let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
-            // update = lr / bc1 * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps), built in scratch.
+            // update = -lr / bc1 * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps), built in scratch.
             self.scratch.copy_(&self.exp_avg_sq);
             let _ = self
                 .scratch
@@ -87,9 +76,6 @@ impl AdamW {
                 .g_mul_(&self.exp_avg)
                 .g_mul_scalar_(-lr / bias_correction1);
             let _ = weights.g_add_(&self.scratch);
-            if let Some(master) = &self.master {
-                let _ = params.copy_(&master.to_kind(params.kind()));
-            }
         });
     }
 }

@@ -3,7 +3,7 @@
 //! One contiguous buffer per role makes the optimizer step a handful of tensor ops, makes
 //! each segment's gradients one contiguous slice (one collective per segment later), and
 //! is what ZeRO shards. Autograd sees each trainable tensor as a leaf view of the buffer.
-use crate::model::{HfPiece, Init, SegmentSpec};
+use crate::model::{HfPiece, Init, LeafSpec, SegmentSpec};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -18,6 +18,8 @@ pub struct FlatParams {
     grads: Tensor,
     /// Per segment, per leaf: the leaf's element range in the flat buffers.
     ranges: Vec<Vec<Range<i64>>>,
+    /// Per segment: where its (padded) range ends.
+    segment_ends: Vec<i64>,
     /// Per segment, per leaf: a view of `values` that requires grad.
     leaves: Vec<Vec<Tensor>>,
 }
@@ -31,9 +33,12 @@ pub fn master_kind(kind: Kind) -> Kind {
 }
 
 impl FlatParams {
-    /// Allocates zeroed buffers for `specs`; call `init` or `load_hf` to fill them.
-    pub fn new(specs: Vec<SegmentSpec>, kind: Kind, device: Device) -> FlatParams {
+    /// Allocates zeroed buffers for `specs`; call `init` or `load_hf` to fill them. Each
+    /// segment's range is padded to a multiple of `segment_multiple` (the data-parallel
+    /// degree under ZeRO, so every rank owns an equal part of every segment).
+    pub fn new(specs: Vec<SegmentSpec>, kind: Kind, device: Device, segment_multiple: i64) -> FlatParams {
         let mut ranges = Vec::with_capacity(specs.len());
+        let mut segment_ends = Vec::with_capacity(specs.len());
         let mut next = 0;
         for segment in &specs {
             let leaf_ranges = segment
@@ -46,6 +51,8 @@ impl FlatParams {
                 })
                 .collect();
             ranges.push(leaf_ranges);
+            next = (next + segment_multiple - 1) / segment_multiple * segment_multiple;
+            segment_ends.push(next);
         }
         let values = Tensor::zeros([next], (kind, device));
         let grads = Tensor::zeros([next], (master_kind(kind), device));
@@ -61,13 +68,7 @@ impl FlatParams {
                     .collect()
             })
             .collect();
-        FlatParams {
-            specs,
-            values,
-            grads,
-            ranges,
-            leaves,
-        }
+        FlatParams { specs, values, grads, ranges, segment_ends, leaves }
     }
 
     pub fn specs(&self) -> &[SegmentSpec] {
@@ -88,31 +89,43 @@ impl FlatParams {
 
     /// Trainable tensors per segment (shallow handles sharing the flat storage).
     pub fn leaves(&self) -> Vec<Vec<Tensor>> {
-        self.leaves
-            .iter()
-            .map(|s| s.iter().map(Tensor::shallow_clone).collect())
-            .collect()
+        self.leaves.iter().map(|s| s.iter().map(Tensor::shallow_clone).collect()).collect()
     }
 
     pub fn segment_leaves(&self, segment: usize) -> &[Tensor] {
         &self.leaves[segment]
     }
 
-    /// Element range of a whole segment in the flat buffers.
+    /// Element range of a whole segment (with its padding) in the flat buffers.
     pub fn segment_range(&self, segment: usize) -> Range<i64> {
-        let leaves = &self.ranges[segment];
-        leaves[0].start..leaves[leaves.len() - 1].end
+        self.ranges[segment][0].start..self.segment_ends[segment]
     }
 
-    /// Element ranges that take weight decay (matrices, not norm weights), merged where adjacent.
+    pub fn num_segments(&self) -> usize {
+        self.specs.len()
+    }
+
+    /// Element ranges of the leaves that take weight decay (matrices, not norm weights).
     pub fn decay_ranges(&self) -> Vec<Range<i64>> {
+        self.leaf_ranges_where(|leaf| leaf.decay)
+    }
+
+    /// Element ranges of the leaves every tensor-parallel rank holds whole (norm weights).
+    pub fn replicated_ranges(&self) -> Vec<Range<i64>> {
+        self.leaf_ranges_where(LeafSpec::replicated)
+    }
+
+    /// Element ranges of one segment's replicated leaves.
+    pub fn segment_replicated_ranges(&self, segment: usize) -> Vec<Range<i64>> {
+        let leaves = self.specs[segment].leaves.iter().zip(&self.ranges[segment]);
+        leaves.filter(|(leaf, _)| leaf.replicated()).map(|(_, range)| range.clone()).collect()
+    }
+
+    /// Element ranges of the leaves that satisfy `keep`, merged where adjacent.
+    fn leaf_ranges_where(&self, keep: impl Fn(&LeafSpec) -> bool) -> Vec<Range<i64>> {
         let mut merged: Vec<Range<i64>> = Vec::new();
-        let leaves = self
-            .specs
-            .iter()
-            .flat_map(|s| &s.leaves)
-            .zip(self.ranges.iter().flatten());
-        for (_, range) in leaves.filter(|(leaf, _)| leaf.decay) {
+        let leaves = self.specs.iter().flat_map(|s| &s.leaves).zip(self.ranges.iter().flatten());
+        for (_, range) in leaves.filter(|(leaf, _)| keep(leaf)) {
             match merged.last_mut() {
                 Some(last) if last.end == range.start => last.end = range.end,
                 _ => merged.push(range.clone()),
@@ -138,51 +151,48 @@ impl FlatParams {
         let _ = self.grads.shallow_clone().g_mul_scalar_(factor);
     }
 
-    /// Draws every Hugging Face tensor from the seed, one after another in model order, so
-    /// the initial weights depend on the seed and the shape only.
+    /// Draws every (global) Hugging Face tensor from the seed, one after another in model
+    /// order, and keeps this rank's part: the initial weights depend on the seed and the
+    /// shape only, never on the parallel layout.
     pub fn init(&mut self, seed: u64) {
         tch::manual_seed(seed as i64);
         tch::no_grad(|| {
             for (piece, mut target) in self.pieces(&self.values) {
+                let options = (Kind::Float, target.device());
                 let value = match piece.init {
-                    Init::Ones => Tensor::ones(piece.shape.as_slice(), (Kind::Float, target.device())),
-                    Init::Normal(std) => Tensor::randn(piece.shape.as_slice(), (Kind::Float, target.device())) * std,
+                    Init::Ones => Tensor::ones(piece.global_shape.as_slice(), options),
+                    Init::Normal(std) => Tensor::randn(piece.global_shape.as_slice(), options) * std,
                 };
-                target.copy_(&value);
+                target.copy_(&piece.local_part(&value));
             }
         });
     }
 
-    /// Views of the parameter values under their Hugging Face names.
-    pub fn hf_tensors(&self) -> Vec<(String, Tensor)> {
+    /// This rank's part of every Hugging Face tensor: views of the parameter values.
+    pub fn hf_values(&self) -> impl Iterator<Item = (&HfPiece, Tensor)> + '_ {
         self.pieces(&self.values)
-            .map(|(piece, view)| (piece.name.clone(), view))
-            .collect()
     }
 
-    /// Views of the accumulated gradients under the parameters' Hugging Face names.
-    pub fn hf_grads(&self) -> Vec<(String, Tensor)> {
+    /// This rank's part of every Hugging Face tensor's accumulated gradient.
+    pub fn hf_grads(&self) -> impl Iterator<Item = (&HfPiece, Tensor)> + '_ {
         self.pieces(&self.grads)
-            .map(|(piece, view)| (piece.name.clone(), view))
-            .collect()
     }
 
-    /// Copies Hugging Face tensors into the buffers; every tensor must be present with its shape.
+    /// Copies this rank's part of global Hugging Face tensors into the buffers; every
+    /// tensor must be present with its global shape.
     pub fn load_hf(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         tch::no_grad(|| {
             for (piece, mut target) in self.pieces(&self.values) {
-                let source = tensors
-                    .get(&piece.name)
-                    .with_context(|| format!("tensor {} is missing", piece.name))?;
-                if source.size() != piece.shape {
+                let source = tensors.get(&piece.name).with_context(|| format!("tensor {} is missing", piece.name))?;
+                if source.size() != piece.global_shape {
                     bail!(
                         "tensor {} has shape {:?}, the model needs {:?}",
                         piece.name,
                         source.size(),
-                        piece.shape
+                        piece.global_shape
                     );
                 }
-                target.copy_(source);
+                target.copy_(&piece.local_part(source));
             }
             Ok(())
         })
@@ -191,17 +201,12 @@ impl FlatParams {
     /// Every Hugging Face tensor with a view of the rows it occupies in `flat` (the values
     /// or the gradients).
     fn pieces<'a>(&'a self, flat: &'a Tensor) -> impl Iterator<Item = (&'a HfPiece, Tensor)> + 'a {
-        self.specs
-            .iter()
-            .zip(self.ranges.iter())
-            .flat_map(move |(segment, ranges)| {
-                segment.leaves.iter().zip(ranges).flat_map(move |(leaf, range)| {
-                    let data = view(flat, range).view(leaf.shape.as_slice());
-                    leaf.pieces
-                        .iter()
-                        .map(move |piece| (piece, data.narrow(0, piece.row_offset, piece.shape[0])))
-                })
+        self.specs.iter().zip(self.ranges.iter()).flat_map(move |(segment, ranges)| {
+            segment.leaves.iter().zip(ranges).flat_map(move |(leaf, range)| {
+                let data = view(flat, range).view(leaf.shape.as_slice());
+                leaf.pieces.iter().map(move |piece| (piece, data.narrow(0, piece.row_offset, piece.shape[0])))
             })
+        })
     }
 }
 

@@ -1,14 +1,18 @@
-//! The training loop: batches in, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
+//! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
+use crate::comm::{wait_all, Comm, GroupKind};
 use crate::config::Config;
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
-use crate::model::segment_specs;
-use crate::optim::{clip_scale, learning_rate, squared_norm, AdamW};
+use crate::hf;
+use crate::model::{segment_specs, TpShard};
+use crate::optim::learning_rate;
 use crate::params::FlatParams;
+use crate::zero::DistOptimizer;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::io::Write;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tracing::info;
 
@@ -25,73 +29,90 @@ pub struct StepRecord {
     pub val_loss: Option<f64>,
 }
 
-pub fn device_of(config: &Config) -> Result<Device> {
-    Ok(match config.train.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => Device::Cuda(
-            other["cuda:".len()..]
-                .parse()
-                .with_context(|| format!("train.device = {other:?}"))?,
-        ),
-    })
-}
-
-/// Builds the model with its initial weights (from `train.seed`) on the configured device.
-pub fn build_engine(config: &Config) -> Result<Engine> {
-    let device = device_of(config)?;
-    if device.is_cuda() && !tch::Cuda::is_available() {
+/// The configured device; `cuda` means this rank's node-local GPU.
+pub fn device_of(config: &Config, local_rank: usize) -> Result<Device> {
+    let device = match config.train.device.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => Device::Cuda(local_rank),
+        other => Device::Cuda(other["cuda:".len()..].parse().with_context(|| format!("train.device = {other:?}"))?),
+    };
+    if !tch::Cuda::is_available() {
         anyhow::bail!(
             "train.device = {:?} but no CUDA device is visible; use train.device = \"cpu\"",
             config.train.device
         );
     }
-    let mut params = FlatParams::new(segment_specs(&config.model), config.train.dtype.kind(), device);
-    params.init(config.train.seed);
-    Ok(Engine::new(params, &config.model, false))
+    Ok(device)
 }
 
-/// Trains as configured and returns the per-step records.
+/// Builds this rank's part of the model with its initial weights (from `train.seed`).
+pub fn build_engine(config: &Config, comm: Arc<Comm>) -> Result<Engine> {
+    let topology = comm.topology;
+    let device = device_of(config, topology.local_rank)?;
+    let tp = TpShard { rank: topology.tensor.rank as i64, size: topology.tensor.size as i64 };
+    let segment_multiple = if config.parallel.zero { topology.data.size as i64 } else { 1 };
+    let mut params =
+        FlatParams::new(segment_specs(&config.model, tp), config.train.dtype.kind(), device, segment_multiple);
+    params.init(config.train.seed);
+    Ok(Engine::new(params, &config.model, comm, config.train.recompute))
+}
+
+/// Joins the job's ranks, then trains as configured; returns the per-step records.
 pub fn train(config: &Config) -> Result<Vec<StepRecord>> {
-    config.validate_layout(1)?;
+    let timeout = Duration::from_secs_f64(config.parallel.collective_timeout_s);
+    let comm = Arc::new(Comm::init(config.parallel.tensor as usize, timeout)?);
+    let topology = comm.topology;
+    config.validate_layout(topology.world as i64)?;
     if config.train.threads > 0 {
         tch::set_num_threads(config.train.threads as i32);
     }
+    let leader = topology.rank == 0;
     let run_dir = &config.train.run_dir;
-    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
-    let mut log = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
+    let mut log = None;
+    if leader {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+        std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
+        log = Some(std::fs::File::create(run_dir.join("metrics.jsonl"))?);
+    }
 
-    let engine = build_engine(config)?;
-    let mut data = TrainData::open(config, 0, 1, device_of(config)?)?;
-    let mut optimizer = AdamW::new(&config.optim, engine.params.values(), engine.params.decay_ranges());
+    let device = device_of(config, topology.local_rank)?;
+    let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device)?;
+    let engine = build_engine(config, comm.clone())?;
+    let mut optimizer = DistOptimizer::new(comm.clone(), &engine.params, &config.optim, config.parallel.zero);
     let t = &config.train;
     let step_tokens = (t.global_batch * t.seq_len) as f64;
-    info!(
-        params = engine.params.numel(),
-        threads = tch::get_num_threads(),
-        accumulation = config.accumulation_steps(1),
-        "training {} steps of {} tokens",
-        t.steps,
-        step_tokens
-    );
+    if leader {
+        info!(
+            world = topology.world,
+            tensor_parallel = topology.tensor.size,
+            data_parallel = topology.data.size,
+            zero = config.parallel.zero,
+            params = config.model.num_params(),
+            threads = tch::get_num_threads(),
+            accumulation = config.accumulation_steps(topology.world as i64),
+            "training {} steps of {} tokens",
+            t.steps,
+            step_tokens
+        );
+    }
 
     let mut records = Vec::with_capacity(t.steps as usize);
     for step in 0..t.steps {
         let start = Instant::now();
         let batch = data.next_batch(t.global_batch);
-        let (loss, grad_norm) = train_step(&engine, &batch, t.micro_batch, step_tokens);
-        let scale = clip_scale(grad_norm, config.optim.grad_clip);
-        if scale < 1.0 {
-            engine.params.scale_grads(scale);
-        }
+        let loss = forward_backward_step(&engine, &optimizer, &batch, t.micro_batch, step_tokens)?;
+        let loss = comm.sum_scalar(GroupKind::Data, loss)?;
         let lr = learning_rate(&config.optim, step, t.steps);
-        optimizer.step(&mut engine.params.values().shallow_clone(), engine.params.grads(), lr);
+        let grad_norm = optimizer.step(&engine.params, lr, config.optim.grad_clip)?;
         let step_seconds = start.elapsed().as_secs_f64();
 
         let last = step + 1 == t.steps;
-        let val_loss = (t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last))
-            .then(|| validation_loss(&engine, &data, config));
+        let val_loss = if t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last) {
+            Some(validation_loss(&engine, &data, config)?)
+        } else {
+            None
+        };
         let record = StepRecord {
             step: step + 1,
             loss,
@@ -101,43 +122,62 @@ pub fn train(config: &Config) -> Result<Vec<StepRecord>> {
             step_seconds,
             val_loss,
         };
-        if (step + 1) % t.log_every == 0 || last || val_loss.is_some() {
-            log_step(&record, t.steps);
+        if let Some(log) = log.as_mut() {
+            if (step + 1) % t.log_every == 0 || last || val_loss.is_some() {
+                log_step(&record, t.steps);
+            }
+            writeln!(log, "{}", serde_json::to_string(&record)?)?;
         }
-        writeln!(log, "{}", serde_json::to_string(&record)?)?;
         records.push(record);
     }
-    log.flush()?;
 
-    if t.sample_tokens > 0 {
-        let path = data
-            .tokenizer_path
-            .as_ref()
-            .context("the dataset names no tokenizer, so no sample can be decoded")?;
-        let text = greedy_sample(&engine, &load_tokenizer(path)?, &t.sample_prompt, t.sample_tokens)?;
-        info!("sample: {text}");
-        println!("{text}");
+    if let Some(dir) = &t.export_dir {
+        hf::export(&engine, config, data.tokenizer_path.as_deref(), dir)?;
     }
+    if t.sample_tokens > 0 {
+        let path =
+            data.tokenizer_path.as_ref().context("the dataset names no tokenizer, so no sample can be decoded")?;
+        let text = greedy_sample(&engine, &load_tokenizer(path)?, &t.sample_prompt, t.sample_tokens)?;
+        if leader {
+            info!("sample: {text}");
+            println!("{text}");
+        }
+    }
+    wait_all([comm.barrier(GroupKind::World)])?;
     Ok(records)
 }
 
-/// Forward and backward over the step's micro-batches; returns the step's mean loss and
-/// the global gradient norm before clipping.
-fn train_step(engine: &Engine, batch: &Tensor, micro_batch: i64, step_tokens: f64) -> (f64, f64) {
+/// Forward and backward over this rank's micro-batches; on the last one, each segment's
+/// gradients start their data-parallel reduction as soon as they are final, overlapping
+/// the rest of the backward pass. Returns this rank's share of the step's mean loss.
+fn forward_backward_step(
+    engine: &Engine,
+    optimizer: &DistOptimizer,
+    batch: &Tensor,
+    micro_batch: i64,
+    step_tokens: f64,
+) -> Result<f64> {
     engine.params.zero_grads();
-    let loss = batch
-        .split(micro_batch, 0)
-        .iter()
-        .map(|micro| engine.forward_backward(micro, step_tokens))
-        .sum();
-    (loss, squared_norm(engine.params.grads()).sqrt())
+    let micro_batches = batch.split(micro_batch, 0);
+    let mut pending = Vec::new();
+    let mut loss = 0.0;
+    for (i, micro) in micro_batches.iter().enumerate() {
+        let mut reduce = |segment: usize| pending.extend(optimizer.reduce_segment(&engine.params, segment));
+        let last = i + 1 == micro_batches.len();
+        loss += engine.forward_backward(micro, step_tokens, last.then_some(&mut reduce as &mut dyn FnMut(usize)))?;
+    }
+    wait_all(pending)?;
+    Ok(loss)
 }
 
-fn validation_loss(engine: &Engine, data: &TrainData, config: &Config) -> f64 {
+fn validation_loss(engine: &Engine, data: &TrainData, config: &Config) -> Result<f64> {
     let t = &config.train;
-    let batches = data.validation_batches(t.eval_sequences, t.micro_batch);
-    let total: f64 = batches.iter().map(|b| engine.eval_loss_sum(b)).sum();
-    total / (t.eval_sequences * t.seq_len) as f64
+    let mut total = 0.0;
+    for batch in data.validation_batches(t.eval_sequences, t.micro_batch) {
+        total += engine.eval_loss_sum(&batch)?;
+    }
+    let total = engine.comm().sum_scalar(GroupKind::Data, total)?;
+    Ok(total / (t.eval_sequences * t.seq_len) as f64)
 }
 
 fn log_step(r: &StepRecord, steps: i64) {
@@ -154,10 +194,10 @@ fn log_step(r: &StepRecord, steps: i64) {
 }
 
 /// Continues `prompt` by `tokens` greedy steps (stops early at the end-of-text token).
+/// Every rank of a tensor-parallel group must take part.
 pub fn greedy_sample(engine: &Engine, tokenizer: &tokenizers::Tokenizer, prompt: &str, tokens: i64) -> Result<String> {
-    let encoding = tokenizer
-        .encode(prompt, false)
-        .map_err(|e| anyhow::anyhow!("cannot encode the sample prompt: {e}"))?;
+    let encoding =
+        tokenizer.encode(prompt, false).map_err(|e| anyhow::anyhow!("cannot encode the sample prompt: {e}"))?;
     let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
     let prompt_len = ids.len();
     let max_seq = engine.model.config().max_seq_len as usize;
@@ -166,20 +206,15 @@ pub fn greedy_sample(engine: &Engine, tokenizer: &tokenizers::Tokenizer, prompt:
     for _ in 0..tokens {
         let context = &ids[ids.len().saturating_sub(max_seq)..];
         let input = Tensor::from_slice(context).view([1, -1]).to_device(device);
-        let logits = engine.logits(&input);
-        let next = logits
-            .select(1, -1)
-            .argmax(-1, false)
-            .to_kind(Kind::Int64)
-            .int64_value(&[0]);
+        let logits = engine.full_logits(&input)?;
+        let next = logits.select(1, -1).argmax(-1, false).to_kind(Kind::Int64).int64_value(&[0]);
         if Some(next) == eos {
             break;
         }
         ids.push(next);
     }
     let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-    let continuation = tokenizer
-        .decode(&ids[prompt_len..], true)
-        .map_err(|e| anyhow::anyhow!("cannot decode the sample: {e}"))?;
+    let continuation =
+        tokenizer.decode(&ids[prompt_len..], true).map_err(|e| anyhow::anyhow!("cannot decode the sample: {e}"))?;
     Ok(format!("{prompt}{continuation}"))
 }
