@@ -12,6 +12,7 @@ use mpi::topology::{Color, Communicator, SimpleCommunicator};
 use mpi::traits::AsRaw;
 use std::os::raw::{c_int, c_void};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
@@ -109,6 +110,28 @@ impl Op {
         }
     }
 
+    /// The operation's label in metrics.
+    fn name(&self) -> &'static str {
+        match self {
+            Op::AllReduce { .. } => "all_reduce",
+            Op::ReduceScatter { .. } => "reduce_scatter",
+            Op::AllGather { .. } => "all_gather",
+            Op::Broadcast { .. } => "broadcast",
+            Op::Barrier => "barrier",
+        }
+    }
+
+    /// Bytes of the collective's full buffer (for reduce_scatter the input, for all_gather the output).
+    fn bytes(&self) -> u64 {
+        let of = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        match self {
+            Op::AllReduce { tensor, .. } | Op::Broadcast { tensor, .. } => of(tensor),
+            Op::ReduceScatter { input, .. } => of(input),
+            Op::AllGather { output, .. } => of(output),
+            Op::Barrier => 0,
+        }
+    }
+
     /// The collective on a group of one rank.
     fn run_alone(self) {
         match self {
@@ -133,7 +156,12 @@ impl Pending {
     pub fn wait(self) -> Result<()> {
         match self.0 {
             None => Ok(()),
-            Some(done) => done.recv().context("the communication thread has stopped")?,
+            Some(done) => {
+                let started = Instant::now();
+                let result = done.recv().context("the communication thread has stopped");
+                crate::metrics::record_wait(started.elapsed());
+                result?
+            }
         }
     }
 }
@@ -149,6 +177,12 @@ pub struct Comm {
     pub topology: Topology,
     jobs: Option<Sender<Job>>,
     worker: Option<JoinHandle<()>>,
+    observer: Arc<OnceLock<Arc<dyn CollectiveObserver>>>,
+}
+
+/// Told about every completed multi-rank collective, on the communication thread (metrics).
+pub trait CollectiveObserver: Send + Sync + std::fmt::Debug {
+    fn record(&self, group: GroupKind, operation: &'static str, elapsed: Duration, bytes: u64);
 }
 
 /// True when this process was started by `mpirun`/`srun` as one of several ranks.
@@ -167,7 +201,7 @@ fn local_rank_from_env() -> usize {
 impl Comm {
     /// A single-rank job: every collective is local.
     pub fn single() -> Comm {
-        Comm { topology: Topology::new(0, 1, 0, 1), jobs: None, worker: None }
+        Comm { topology: Topology::new(0, 1, 0, 1), jobs: None, worker: None, observer: Default::default() }
     }
 
     /// Joins the MPI job this process belongs to (or runs alone when not launched by MPI),
@@ -182,13 +216,17 @@ impl Comm {
             return Ok(Comm::single());
         }
         let (jobs, receiver) = channel::<Job>();
+        let observer = Arc::new(OnceLock::new());
         let (ready, topology) = sync_channel(1);
         let worker = std::thread::Builder::new()
             .name("collectives".into())
-            .spawn(move || mpi_worker(tp, timeout, receiver, ready))
+            .spawn({
+                let observer = observer.clone();
+                move || mpi_worker(tp, timeout, receiver, ready, observer)
+            })
             .context("cannot start the communication thread")?;
         let topology = topology.recv().context("the communication thread failed to start")??;
-        Ok(Comm { topology, jobs: Some(jobs), worker: Some(worker) })
+        Ok(Comm { topology, jobs: Some(jobs), worker: Some(worker), observer })
     }
 
     /// Queues a collective behind every earlier one (even on a group of one rank, whose
@@ -232,6 +270,11 @@ impl Comm {
         self.submit(group, Op::Barrier)
     }
 
+    /// Reports every later collective to `observer` (the first observer set stays).
+    pub fn observe_collectives(&self, observer: Arc<dyn CollectiveObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
     /// Sum of a scalar over the group.
     pub fn sum_scalar(&self, group: GroupKind, value: f64) -> Result<f64> {
         let tensor = Tensor::from(value);
@@ -250,7 +293,13 @@ impl Drop for Comm {
 }
 
 /// The communication thread: initializes MPI, splits the groups, then runs jobs in order.
-fn mpi_worker(tp: usize, timeout: Duration, jobs: Receiver<Job>, ready: SyncSender<Result<Topology>>) {
+fn mpi_worker(
+    tp: usize,
+    timeout: Duration,
+    jobs: Receiver<Job>,
+    ready: SyncSender<Result<Topology>>,
+    observer: Arc<OnceLock<Arc<dyn CollectiveObserver>>>,
+) {
     let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Funneled) else {
         let _ = ready.send(Err(anyhow::anyhow!("MPI could not be initialized")));
         return;
@@ -278,6 +327,7 @@ fn mpi_worker(tp: usize, timeout: Duration, jobs: Receiver<Job>, ready: SyncSend
             let _ = job.done.send(Ok(()));
             continue;
         }
+        let started = Instant::now();
         let result = run_mpi(comm, &job.op, timeout).with_context(|| {
             format!(
                 "rank {rank} (tensor-parallel rank {}/{}, data-parallel rank {}/{}): {} in the {} group",
@@ -289,8 +339,11 @@ fn mpi_worker(tp: usize, timeout: Duration, jobs: Receiver<Job>, ready: SyncSend
                 job.group.name()
             )
         });
-        let failed = result.is_err();
+        let (elapsed, failed) = (started.elapsed(), result.is_err());
         let _ = job.done.send(result);
+        if let (false, Some(observer)) = (failed, observer.get()) {
+            observer.record(job.group, job.op.name(), elapsed, job.op.bytes());
+        }
         if failed {
             // A collective that never completed cannot be cancelled: MPI must not be
             // finalized (it would wait for it), so leave without tearing it down.

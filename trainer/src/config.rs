@@ -12,6 +12,56 @@ pub struct Config {
     pub train: TrainConfig,
     pub optim: OptimConfig,
     pub data: DataConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Sharded checkpoints: where, how often, how many, and what to start from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Where step directories go; `RUN_DIR/checkpoints` when absent.
+    pub dir: Option<PathBuf>,
+    /// Save every this many steps (0: only at the end).
+    #[serde(default)]
+    pub every: i64,
+    /// Complete checkpoints kept; older ones are removed after a newer one is published.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: i64,
+    /// Write in the background while training continues.
+    #[serde(default = "yes")]
+    pub async_save: bool,
+    /// Save after the last step.
+    #[serde(default = "yes")]
+    pub save_final: bool,
+    /// Continue from the newest complete checkpoint in `dir`, if there is one.
+    #[serde(default = "yes")]
+    pub resume: bool,
+    /// Continue from this step directory instead (any parallel layout).
+    pub load: Option<PathBuf>,
+    /// Start (when not resuming) from the weights of a Hugging Face LLaMA directory.
+    pub init_from_hf: Option<PathBuf>,
+}
+
+fn default_keep_last() -> i64 {
+    2
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            dir: None,
+            every: 0,
+            keep_last: default_keep_last(),
+            async_save: true,
+            save_final: true,
+            resume: true,
+            load: None,
+            init_from_hf: None,
+        }
+    }
 }
 
 /// The LLaMA architecture's shape.
@@ -123,8 +173,12 @@ impl Dtype {
 pub struct TrainConfig {
     pub steps: i64,
     pub seq_len: i64,
-    /// Sequences per optimizer step, over all data-parallel ranks.
+    /// Sequences per optimizer step, over all data-parallel ranks (or `global_batch_tokens`).
+    #[serde(default)]
     pub global_batch: i64,
+    /// The global batch in tokens (a multiple of `seq_len`), instead of `global_batch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_batch_tokens: Option<i64>,
     /// Sequences per forward/backward; `global_batch / (micro_batch * dp)` micro-batches
     /// are accumulated per step.
     pub micro_batch: i64,
@@ -151,6 +205,13 @@ pub struct TrainConfig {
     pub eval_sequences: i64,
     /// Where the resolved config and the step log go.
     pub run_dir: PathBuf,
+    /// Signals that make the run finish its step, save a checkpoint and exit with status 75
+    /// (requeue): any of SIGTERM, SIGUSR1, SIGUSR2, SIGINT.
+    #[serde(default = "default_preempt_signals")]
+    pub preempt_signals: Vec<String>,
+    /// Stop this process after this step (saving a checkpoint); the learning-rate schedule
+    /// still spans `steps`. For allocations shorter than the run.
+    pub stop_at_step: Option<i64>,
     /// When set, the final weights are written there in Hugging Face format.
     #[serde(default)]
     pub export_dir: Option<PathBuf>,
@@ -166,6 +227,9 @@ fn default_dtype() -> Dtype {
 }
 fn default_device() -> String {
     "cpu".into()
+}
+fn default_preempt_signals() -> Vec<String> {
+    vec!["SIGTERM".into(), "SIGUSR1".into()]
 }
 fn default_log_every() -> i64 {
     1
@@ -232,14 +296,42 @@ impl Config {
         for item in overrides {
             apply_override(&mut tree, item)?;
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
             .map_err(|e| anyhow::anyhow!("key `{}`: {}", e.path(), e.inner()))?;
+        config.resolve_global_batch()?;
         config.validate()?;
         Ok(config)
     }
 
+    /// Turns `train.global_batch_tokens` into `train.global_batch` (sequences).
+    fn resolve_global_batch(&mut self) -> Result<()> {
+        let t = &mut self.train;
+        match t.global_batch_tokens.take() {
+            Some(_) if t.global_batch != 0 => {
+                bail!("set train.global_batch (sequences) or train.global_batch_tokens, not both")
+            }
+            Some(tokens) if t.seq_len <= 0 || tokens <= 0 || tokens % t.seq_len != 0 => {
+                bail!(
+                    "train.global_batch_tokens = {tokens} must be a positive multiple of train.seq_len = {}",
+                    t.seq_len
+                )
+            }
+            Some(tokens) => t.global_batch = tokens / t.seq_len,
+            None if t.global_batch == 0 => {
+                bail!("set train.global_batch (sequences per step) or train.global_batch_tokens")
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a Config always serializes")
+    }
+
+    /// Where checkpoints go.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.checkpoint.dir.clone().unwrap_or_else(|| self.train.run_dir.join("checkpoints"))
     }
 
     /// Data-parallel degree for a world of `world` ranks.
@@ -312,6 +404,18 @@ impl Config {
             bail!("train.device = {:?} must be \"cpu\", \"cuda\" or \"cuda:N\"", t.device);
         }
 
+        crate::preempt::check_signal_names(&t.preempt_signals)?;
+        if let Some(step) = t.stop_at_step {
+            positive("train.stop_at_step", step)?;
+        }
+        non_negative("checkpoint.every", self.checkpoint.every)?;
+        positive("checkpoint.keep_last", self.checkpoint.keep_last)?;
+        if t.sample_tokens > 0 && t.sample_prompt.is_empty() {
+            bail!("train.sample_tokens = {} needs a non-empty train.sample_prompt", t.sample_tokens);
+        }
+
+        self.metrics.validate()?;
+
         let o = &self.optim;
         positive_f("optim.lr", o.lr)?;
         if !(0.0..=o.lr).contains(&o.min_lr) {
@@ -365,6 +469,44 @@ impl Config {
             );
         }
         Ok(())
+    }
+}
+
+/// Prometheus metrics served by every rank (`metrics.rs`; checked by `MetricsConfig::validate` there).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` over HTTP.
+    #[serde(default)]
+    pub enabled: bool,
+    /// IP address to listen on (`0.0.0.0` for scrapes from other hosts).
+    #[serde(default = "default_metrics_address")]
+    pub address: String,
+    /// The rank with node-local rank r listens on `port + r`.
+    #[serde(default = "default_metrics_port")]
+    pub port: u16,
+    /// The `run_id` label; the run directory's name when absent.
+    pub run_id: Option<String>,
+    /// Peak FLOP/s of one rank for MFU; when absent 1e11 per CPU thread, or 989e12 on CUDA.
+    pub peak_flops: Option<f64>,
+}
+
+fn default_metrics_address() -> String {
+    "127.0.0.1".into()
+}
+fn default_metrics_port() -> u16 {
+    9400
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: false,
+            address: default_metrics_address(),
+            port: default_metrics_port(),
+            run_id: None,
+            peak_flops: None,
+        }
     }
 }
 
@@ -438,6 +580,17 @@ mod tests {
         assert_eq!(config.train.steps, 7);
         assert_eq!(config.optim.lr, 1e-3);
         assert_eq!(config.data.path, PathBuf::from("/x y"));
+    }
+
+    #[test]
+    fn the_global_batch_can_be_given_in_tokens() {
+        let overrides = ["train.global_batch=0".to_string(), "train.global_batch_tokens=4096".to_string()];
+        let config = Config::parse(TINY, &overrides).unwrap();
+        assert_eq!(config.train.global_batch, 4096 / config.train.seq_len);
+        let error = error_of(TINY, &["train.global_batch_tokens=4096"]);
+        assert!(error.contains("not both"), "{error}");
+        let error = error_of(TINY, &["train.global_batch=0", "train.global_batch_tokens=100"]);
+        assert!(error.contains("train.global_batch_tokens = 100 must be a positive multiple of train.seq_len = 128"));
     }
 
     #[test]

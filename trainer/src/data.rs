@@ -18,8 +18,15 @@ pub struct TrainData {
 }
 
 impl TrainData {
-    /// Opens the data for data-parallel rank `dp_rank` of `dp_size`, checking that it fits the model.
-    pub fn open(config: &Config, dp_rank: usize, dp_size: usize, device: Device) -> Result<TrainData> {
+    /// Opens the data for data-parallel rank `dp_rank` of `dp_size`, positioned at `cursor`,
+    /// checking that it fits the model.
+    pub fn open(
+        config: &Config,
+        dp_rank: usize,
+        dp_size: usize,
+        device: Device,
+        cursor: DataCursor,
+    ) -> Result<TrainData> {
         let (path, seq_len, seed) = (&config.data.path, config.train.seq_len as usize, config.train.seed);
         let (train, valid) = match config.data.format {
             DataFormat::Shards => (
@@ -57,7 +64,7 @@ impl TrainData {
             }
         }
         Ok(TrainData {
-            loader: RankLoader::new(sampler, dp_rank, dp_size, DataCursor::default()),
+            loader: RankLoader::new(sampler, dp_rank, dp_size, cursor),
             validation,
             window: seq_len as i64 + 1,
             dp_rank,
@@ -65,6 +72,11 @@ impl TrainData {
             device,
             tokenizer_path,
         })
+    }
+
+    /// How many windows all ranks together have consumed.
+    pub fn cursor(&self) -> DataCursor {
+        self.loader.cursor()
     }
 
     /// This rank's share of the next global batch: [global_batch / dp, seq_len + 1] token ids.

@@ -76,6 +76,7 @@ impl Engine {
         let head_input = stream.set_requires_grad(true);
         let logits = self.model.segment_forward(last, SegmentKind::Head, &head_input);
         let loss = self.loss_sum(&logits, &targets)? / loss_denominator;
+        crate::metrics::lap(crate::metrics::Phase::Forward);
 
         let mut notify = |segment: usize| {
             if let Some(f) = grads_final.as_mut() {
@@ -98,6 +99,7 @@ impl Engine {
         }
         self.backward_segment(0, &(embedded * grad).sum(None), None)?;
         notify(0);
+        crate::metrics::lap(crate::metrics::Phase::Backward);
         Ok(loss.double_value(&[]))
     }
 

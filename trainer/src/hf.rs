@@ -58,19 +58,23 @@ pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(tensors.into_iter().collect())
 }
 
-/// Writes the model as a Hugging Face directory (`config.json`, `model.safetensors`,
-/// `generation_config.json`, and the tokenizer when known), published by rename so a
-/// crash never leaves a half-written export. Collective: every rank calls it; the first
-/// data-parallel replica gathers and rank 0 writes.
+/// Writes the trained model as a Hugging Face directory. Collective: every rank calls it;
+/// the first data-parallel replica gathers the weights and rank 0 writes them.
 pub fn export(engine: &Engine, config: &Config, tokenizer: Option<&Path>, dir: &Path) -> Result<()> {
     let topology = engine.comm().topology;
     if topology.data.rank != 0 {
         return Ok(());
     }
     let weights = gather_weights(engine)?;
-    if topology.rank != 0 {
-        return Ok(());
+    if topology.rank == 0 {
+        write_dir(&weights, config, tokenizer, dir)?;
     }
+    Ok(())
+}
+
+/// Writes `config.json`, `generation_config.json`, `model.safetensors` and the tokenizer (when
+/// known) into `dir`, published by rename so a crash never leaves a half-written export.
+pub fn write_dir(weights: &[(String, Tensor)], config: &Config, tokenizer: Option<&Path>, dir: &Path) -> Result<()> {
     let name = dir.file_name().context("the export directory needs a name")?.to_string_lossy();
     let staging = dir.with_file_name(format!(".{name}.partial"));
     let _ = std::fs::remove_dir_all(&staging);
@@ -83,7 +87,7 @@ pub fn export(engine: &Engine, config: &Config, tokenizer: Option<&Path>, dir: &
     std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&config_json(&config.model, dtype))?)?;
     let generation = json!({"do_sample": false, "max_length": config.model.max_seq_len});
     std::fs::write(staging.join("generation_config.json"), serde_json::to_string_pretty(&generation)?)?;
-    save_weights(&weights, &staging.join("model.safetensors"))?;
+    save_weights(weights, &staging.join("model.safetensors"))?;
     if let Some(tokenizer) = tokenizer {
         std::fs::copy(tokenizer, staging.join("tokenizer.json"))
             .with_context(|| format!("cannot copy {}", tokenizer.display()))?;

@@ -1,10 +1,12 @@
-//! The `trainer` command line: train, count parameters.
+//! The `trainer` command line: train, count parameters, draw a run's report.
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::config::Config;
+use trainer::preempt::REQUEUE_EXIT_CODE;
+use trainer::train::Outcome;
 
 #[derive(Parser, Debug)]
 #[command(name = "trainer", version, about = "Pretrain a LLaMA-style language model")]
@@ -44,13 +46,33 @@ enum Command {
     Train(ConfigArgs),
     /// Print the parameter count of the configured model (nothing is allocated).
     Params(ConfigArgs),
+    /// Write a checkpoint's model as a Hugging Face LLaMA directory (config.json, model.safetensors, tokenizer.json).
+    ExportHf {
+        /// A checkpoint step directory, e.g. runs/tiny/checkpoints/step-00000300.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The directory to create.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Draw RUN_DIR/metrics.jsonl as a PNG: training and validation loss, tokens/s, learning rate.
+    Report {
+        /// The run directory (`train.run_dir`).
+        run_dir: PathBuf,
+        /// Where to write the PNG [default: RUN_DIR/report.png].
+        #[arg(long, value_name = "FILE.png")]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // Every log line carries the rank: the MPI rank from the launcher's environment (0 alone).
+    let _rank = tracing::info_span!("rank", rank = rank_from_env()).entered();
     match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Finished) => ExitCode::SUCCESS,
+        Ok(Outcome::Preempted) => ExitCode::from(REQUEUE_EXIT_CODE),
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -58,17 +80,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> Result<()> {
+fn run(command: Command) -> Result<Outcome> {
     match command {
-        Command::Train(args) => {
-            trainer::train::train(&args.load()?)?;
-        }
+        Command::Train(args) => return trainer::train::train(&args.load()?),
         Command::Params(args) => {
             let config = args.load()?;
             println!("{}", group_thousands(config.model.num_params()));
         }
+        Command::ExportHf { checkpoint, output } => trainer::checkpoint::export_hf(&checkpoint, &output)?,
+        Command::Report { run_dir, output } => {
+            let output = output.unwrap_or_else(|| run_dir.join("report.png"));
+            trainer::report::write_report(&run_dir, &output)?;
+            println!("{}", output.display());
+        }
     }
-    Ok(())
+    Ok(Outcome::Finished)
 }
 
 fn init_logging(format: LogFormat) {
@@ -83,6 +109,14 @@ fn init_logging(format: LogFormat) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// This process's rank in its MPI job (OpenMPI, PMIx, Slurm), 0 when started alone.
+fn rank_from_env() -> usize {
+    ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// 6738415616 -> "6,738,415,616".

@@ -49,6 +49,20 @@ impl AdamW {
         }
     }
 
+    /// Updates taken so far (the bias corrections depend on it).
+    pub fn steps_taken(&self) -> i64 {
+        self.step
+    }
+
+    pub fn set_steps_taken(&mut self, steps: i64) {
+        self.step = steps;
+    }
+
+    /// The moment buffers by name: what a checkpoint must keep.
+    pub fn moments(&self) -> [(&'static str, &Tensor); 2] {
+        [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)]
+    }
+
     /// One update of `weights` from `grads` (both the flat slice this optimizer owns).
     pub fn step(&mut self, weights: &mut Tensor, grads: &Tensor, lr: f64) {
         tch::no_grad(|| {

@@ -9,6 +9,21 @@ use std::collections::HashMap;
 use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
+/// A box of a global Hugging Face tensor whose elements sit, row-major, in one contiguous
+/// range of a flat buffer: the unit checkpoints store and reshard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Region {
+    pub name: String,
+    pub global_shape: Vec<i64>,
+    /// Where the box starts in each dimension of the global tensor.
+    pub offset: Vec<i64>,
+    pub shape: Vec<i64>,
+    /// The box's elements in the flat buffer.
+    pub flat: Range<i64>,
+    /// Every tensor-parallel rank holds the whole tensor.
+    pub replicated: bool,
+}
+
 #[derive(Debug)]
 pub struct FlatParams {
     specs: Vec<SegmentSpec>,
@@ -180,7 +195,7 @@ impl FlatParams {
 
     /// Copies this rank's part of global Hugging Face tensors into the buffers; every
     /// tensor must be present with its global shape.
-    pub fn load_hf(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    pub fn load_hf(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         tch::no_grad(|| {
             for (piece, mut target) in self.pieces(&self.values) {
                 let source = tensors.get(&piece.name).with_context(|| format!("tensor {} is missing", piece.name))?;
@@ -198,6 +213,37 @@ impl FlatParams {
         })
     }
 
+    /// The boxes of global tensors held by the flat elements `range` (at most three per
+    /// tensor: a partial first row, whole rows, a partial last row).
+    pub fn regions(&self, range: &Range<i64>) -> Vec<Region> {
+        let mut regions = Vec::new();
+        let leaves = self.specs.iter().flat_map(|s| &s.leaves).zip(self.ranges.iter().flatten());
+        for (leaf, leaf_range) in leaves.filter(|(_, r)| r.start < range.end && range.start < r.end) {
+            for piece in &leaf.pieces {
+                let cols: i64 = piece.shape[1..].iter().product();
+                let start = leaf_range.start + piece.row_offset * cols;
+                let end = start + piece.shape.iter().product::<i64>();
+                let (first, last) = (range.start.max(start) - start, range.end.min(end) - start);
+                for (mut offset, shape) in element_boxes(first, last, &piece.shape) {
+                    let flat_start =
+                        start + offset.iter().zip(row_major_strides(&piece.shape)).map(|(o, s)| o * s).sum::<i64>();
+                    if let Some((dim, split_start)) = piece.split {
+                        offset[dim] += split_start;
+                    }
+                    regions.push(Region {
+                        name: piece.name.clone(),
+                        global_shape: piece.global_shape.clone(),
+                        offset,
+                        flat: flat_start..flat_start + shape.iter().product::<i64>(),
+                        shape,
+                        replicated: piece.split.is_none(),
+                    });
+                }
+            }
+        }
+        regions
+    }
+
     /// Every Hugging Face tensor with a view of the rows it occupies in `flat` (the values
     /// or the gradients).
     fn pieces<'a>(&'a self, flat: &'a Tensor) -> impl Iterator<Item = (&'a HfPiece, Tensor)> + 'a {
@@ -212,4 +258,101 @@ impl FlatParams {
 
 fn view(flat: &Tensor, range: &Range<i64>) -> Tensor {
     flat.narrow(0, range.start, range.end - range.start)
+}
+
+fn row_major_strides(shape: &[i64]) -> Vec<i64> {
+    (0..shape.len()).map(|d| shape[d + 1..].iter().product()).collect()
+}
+
+/// Boxes (offset, shape) covering the row-major elements `[first, last)` of a 1-D or 2-D
+/// tensor of `shape`.
+fn element_boxes(first: i64, last: i64, shape: &[i64]) -> Vec<(Vec<i64>, Vec<i64>)> {
+    if first >= last {
+        return Vec::new();
+    }
+    if shape.len() == 1 {
+        return vec![(vec![first], vec![last - first])];
+    }
+    let cols = shape[1];
+    let (mut row, col, end_row, end_col) = (first / cols, first % cols, last / cols, last % cols);
+    if row == end_row {
+        return vec![(vec![row, col], vec![1, end_col - col])];
+    }
+    let mut boxes = Vec::new();
+    if col > 0 {
+        boxes.push((vec![row, col], vec![1, cols - col]));
+        row += 1;
+    }
+    if end_row > row {
+        boxes.push((vec![row, 0], vec![end_row - row, cols]));
+    }
+    if end_col > 0 {
+        boxes.push((vec![end_row, 0], vec![1, end_col]));
+    }
+    boxes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::model::{segment_specs, TpShard};
+
+    #[test]
+    fn element_boxes_cover_exactly_the_range() {
+        let shape = [5, 7];
+        for first in 0..35 {
+            for last in first..=35 {
+                let mut covered = vec![false; 35];
+                for (offset, size) in element_boxes(first, last, &shape) {
+                    for r in offset[0]..offset[0] + size[0] {
+                        for c in offset[1]..offset[1] + size[1] {
+                            let i = (r * 7 + c) as usize;
+                            assert!(!covered[i], "element {i} covered twice");
+                            covered[i] = true;
+                        }
+                    }
+                }
+                let expected: Vec<bool> = (0..35).map(|i| i >= first && i < last).collect();
+                assert_eq!(covered, expected, "[{first}, {last})");
+            }
+        }
+    }
+
+    #[test]
+    fn regions_of_any_split_cover_every_global_element_once() {
+        let config = Config::parse(include_str!("../../configs/tiny.toml"), &["model.n_layers=1".into()]).unwrap();
+        let mut counts: HashMap<String, Tensor> = HashMap::new();
+        for tp in 0..2 {
+            let params = FlatParams::new(
+                segment_specs(&config.model, TpShard { rank: tp, size: 2 }),
+                Kind::Float,
+                Device::Cpu,
+                3,
+            );
+            let n = params.numel();
+            for part in 0..3 {
+                let range = n * part / 3..n * (part + 1) / 3;
+                for region in params.regions(&range) {
+                    assert!(region.flat.start >= range.start && region.flat.end <= range.end);
+                    if region.replicated && tp == 1 {
+                        continue;
+                    }
+                    let count = counts
+                        .entry(region.name.clone())
+                        .or_insert_with(|| Tensor::zeros(region.global_shape.as_slice(), (Kind::Float, Device::Cpu)));
+                    let mut view = count.shallow_clone();
+                    for (dim, (&o, &s)) in region.offset.iter().zip(&region.shape).enumerate() {
+                        view = view.narrow(dim as i64, o, s);
+                    }
+                    let _ = view.g_add_scalar_(1.0);
+                }
+            }
+        }
+        assert_eq!(counts.len(), 12, "embedding, 5 attention and 4 MLP tensors, final norm, head");
+        for (name, count) in counts {
+            assert_eq!(count.min().double_value(&[]), 1.0, "{name} has an uncovered element");
+            assert_eq!(count.max().double_value(&[]), 1.0, "{name} has an element covered twice");
+        }
+    }
 }

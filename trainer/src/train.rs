@@ -1,14 +1,18 @@
 //! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
+use crate::checkpoint::{load_optimizer, load_params, Checkpointer, Reader, SaveReport};
 use crate::comm::{wait_all, Comm, GroupKind};
 use crate::config::Config;
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
 use crate::hf;
+use crate::metrics::{lap, reset_phases, take_phases, Metrics, Phase};
 use crate::model::{segment_specs, TpShard};
 use crate::optim::learning_rate;
 use crate::params::FlatParams;
+use crate::preempt::{Preemption, REQUEUE_EXIT_CODE};
 use crate::zero::DistOptimizer;
 use anyhow::{Context, Result};
+use data_shards::DataCursor;
 use serde::Serialize;
 use std::io::Write;
 use std::sync::Arc;
@@ -57,8 +61,18 @@ pub fn build_engine(config: &Config, comm: Arc<Comm>) -> Result<Engine> {
     Ok(Engine::new(params, &config.model, comm, config.train.recompute))
 }
 
-/// Joins the job's ranks, then trains as configured; returns the per-step records.
-pub fn train(config: &Config) -> Result<Vec<StepRecord>> {
+/// How a training process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every step ran.
+    Finished,
+    /// A preemption signal arrived: the state after the current step is saved.
+    Preempted,
+}
+
+/// Joins the job's ranks, then trains as configured (continuing from a checkpoint when
+/// there is one).
+pub fn train(config: &Config) -> Result<Outcome> {
     let timeout = Duration::from_secs_f64(config.parallel.collective_timeout_s);
     let comm = Arc::new(Comm::init(config.parallel.tensor as usize, timeout)?);
     let topology = comm.topology;
@@ -67,19 +81,15 @@ pub fn train(config: &Config) -> Result<Vec<StepRecord>> {
         tch::set_num_threads(config.train.threads as i32);
     }
     let leader = topology.rank == 0;
-    let run_dir = &config.train.run_dir;
-    let mut log = None;
-    if leader {
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-        std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
-        log = Some(std::fs::File::create(run_dir.join("metrics.jsonl"))?);
-    }
-
+    let metrics = Metrics::start(config, &comm)?;
     let device = device_of(config, topology.local_rank)?;
-    let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device)?;
-    let engine = build_engine(config, comm.clone())?;
-    let mut optimizer = DistOptimizer::new(comm.clone(), &engine.params, &config.optim, config.parallel.zero);
+    let mut engine = build_engine(config, comm.clone())?;
+    let (mut optimizer, first_step, cursor) = starting_state(config, &mut engine, &metrics)?;
+    let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device, cursor)?;
+    let mut log = if leader { Some(StepLog::open(config, first_step)?) } else { None };
+    let c = &config.checkpoint;
+    let mut checkpointer =
+        Checkpointer::new(config.checkpoint_dir(), c.keep_last as usize, c.async_save, data.tokenizer_path.clone());
     let t = &config.train;
     let step_tokens = (t.global_batch * t.seq_len) as f64;
     if leader {
@@ -91,44 +101,59 @@ pub fn train(config: &Config) -> Result<Vec<StepRecord>> {
             params = config.model.num_params(),
             threads = tch::get_num_threads(),
             accumulation = config.accumulation_steps(topology.world as i64),
-            "training {} steps of {} tokens",
+            "training steps {}..{} of {} tokens",
+            first_step + 1,
             t.steps,
             step_tokens
         );
     }
 
-    let mut records = Vec::with_capacity(t.steps as usize);
-    for step in 0..t.steps {
+    let preemption = Preemption::install(&t.preempt_signals)?;
+    let mut preempted = false;
+    for step in first_step..t.steps {
         let start = Instant::now();
+        reset_phases();
         let batch = data.next_batch(t.global_batch);
+        lap(Phase::DataWait);
         let loss = forward_backward_step(&engine, &optimizer, &batch, t.micro_batch, step_tokens)?;
         let loss = comm.sum_scalar(GroupKind::Data, loss)?;
         let lr = learning_rate(&config.optim, step, t.steps);
         let grad_norm = optimizer.step(&engine.params, lr, config.optim.grad_clip)?;
+        lap(Phase::Optimizer);
         let step_seconds = start.elapsed().as_secs_f64();
 
-        let last = step + 1 == t.steps;
-        let val_loss = if t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last) {
+        let done = step + 1;
+        let last = done == t.steps || t.stop_at_step == Some(done);
+        let val_loss = if t.eval_every > 0 && (done % t.eval_every == 0 || last) {
             Some(validation_loss(&engine, &data, config)?)
         } else {
             None
         };
-        let record = StepRecord {
-            step: step + 1,
-            loss,
-            lr,
-            grad_norm,
-            tokens_per_s: step_tokens / step_seconds,
-            step_seconds,
-            val_loss,
-        };
+        let tokens_per_s = step_tokens / step_seconds;
+        let record = StepRecord { step: done, loss, lr, grad_norm, tokens_per_s, step_seconds, val_loss };
+        metrics.record_step(&record, take_phases());
         if let Some(log) = log.as_mut() {
-            if (step + 1) % t.log_every == 0 || last || val_loss.is_some() {
-                log_step(&record, t.steps);
-            }
-            writeln!(log, "{}", serde_json::to_string(&record)?)?;
+            log.write(&record, t.log_every, t.steps, last)?;
         }
-        records.push(record);
+        preempted = preemption.agreed(&comm)?;
+        let saved = checkpointer.poll(&comm)?;
+        let must_save = preempted || t.stop_at_step == Some(done) || (last && c.save_final);
+        let previous = if must_save || (c.every > 0 && done % c.every == 0) {
+            checkpointer.save(&comm, &engine.params, &optimizer, config, done, data.cursor())?
+        } else {
+            None
+        };
+        report_save(leader, &metrics, saved.or(previous));
+        if last || preempted {
+            break;
+        }
+    }
+    report_save(leader, &metrics, checkpointer.finish(&comm)?);
+    if preempted {
+        if leader {
+            info!("preempted by a signal: the checkpoint is saved; exiting with status {REQUEUE_EXIT_CODE} (requeue)");
+        }
+        return Ok(Outcome::Preempted);
     }
 
     if let Some(dir) = &t.export_dir {
@@ -144,7 +169,94 @@ pub fn train(config: &Config) -> Result<Vec<StepRecord>> {
         }
     }
     wait_all([comm.barrier(GroupKind::World)])?;
-    Ok(records)
+    Ok(Outcome::Finished)
+}
+
+/// The optimizer, the number of steps already taken and the data position to start from:
+/// a checkpoint (`checkpoint.load`, else the newest one when `checkpoint.resume`), else the
+/// initial weights (drawn from the seed, or `checkpoint.init_from_hf`).
+fn starting_state(config: &Config, engine: &mut Engine, metrics: &Metrics) -> Result<(DistOptimizer, i64, DataCursor)> {
+    let comm = engine.comm().clone();
+    let c = &config.checkpoint;
+    let resume = match (&c.load, c.resume) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, true) => Checkpointer::latest(&config.checkpoint_dir())?,
+        (None, false) => None,
+    };
+    let Some(dir) = resume else {
+        if let Some(hf_dir) = &c.init_from_hf {
+            let weights = hf::load_weights(&hf_dir.join("model.safetensors"))?;
+            engine.params.load_hf(&weights).with_context(|| format!("cannot start from {}", hf_dir.display()))?;
+        }
+        let optimizer = DistOptimizer::new(comm, &engine.params, &config.optim, config.parallel.zero);
+        return Ok((optimizer, 0, DataCursor::default()));
+    };
+    let started = Instant::now();
+    let mut reader = Reader::open(&dir)?;
+    load_params(&mut reader, &engine.params)?;
+    let mut optimizer = DistOptimizer::new(comm.clone(), &engine.params, &config.optim, config.parallel.zero);
+    load_optimizer(&mut reader, &engine.params, &mut optimizer)?;
+    metrics.record_checkpoint_load(started.elapsed().as_secs_f64(), reader.bytes_read());
+    let manifest = reader.manifest();
+    if comm.topology.rank == 0 {
+        info!(
+            "resumed from {} (step {}, saved by {} ranks with tensor parallel {}) in {:.2}s",
+            dir.display(),
+            manifest.step,
+            manifest.world,
+            manifest.tensor_parallel,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok((optimizer, manifest.step, manifest.data_cursor))
+}
+
+fn report_save(leader: bool, metrics: &Metrics, report: Option<SaveReport>) {
+    let Some(r) = report else { return };
+    metrics.record_checkpoint_save(r.seconds, r.rank_bytes);
+    if leader {
+        let mb = r.bytes as f64 / 1e6;
+        info!("checkpoint of step {} published in {} ({mb:.1} MB, {:.2}s)", r.step, r.dir.display(), r.seconds);
+    }
+}
+
+/// The run directory's `config.toml` and `metrics.jsonl` (one JSON line per step), kept by rank 0.
+struct StepLog {
+    file: std::fs::File,
+}
+
+impl StepLog {
+    /// Creates the log, or (resuming after `first_step` steps) keeps the lines of the steps
+    /// up to it and appends after them.
+    fn open(config: &Config, first_step: i64) -> Result<StepLog> {
+        let run_dir = &config.train.run_dir;
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+        std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
+        let path = run_dir.join("metrics.jsonl");
+        let kept: String = match std::fs::read_to_string(&path) {
+            Ok(text) if first_step > 0 => text
+                .lines()
+                .filter(|line| {
+                    let step = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_i64());
+                    step.is_some_and(|s| s <= first_step)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect(),
+            _ => String::new(),
+        };
+        std::fs::write(&path, kept)?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        Ok(StepLog { file })
+    }
+
+    fn write(&mut self, record: &StepRecord, log_every: i64, steps: i64, last: bool) -> Result<()> {
+        if record.step % log_every == 0 || last || record.val_loss.is_some() {
+            log_step(record, steps);
+        }
+        writeln!(self.file, "{}", serde_json::to_string(record)?)?;
+        Ok(())
+    }
 }
 
 /// Forward and backward over this rank's micro-batches; on the last one, each segment's

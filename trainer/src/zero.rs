@@ -8,7 +8,7 @@
 use crate::comm::{wait_all, Comm, GroupKind, Pending, ReduceOp};
 use crate::config::OptimConfig;
 use crate::optim::{clip_scale, squared_norm, AdamW};
-use crate::params::{master_kind, FlatParams};
+use crate::params::{master_kind, FlatParams, Region};
 use anyhow::Result;
 use std::ops::Range;
 use std::sync::Arc;
@@ -161,6 +161,43 @@ impl DistOptimizer {
             }
         }
         Ok(norm)
+    }
+
+    /// Whether the state is sharded over the data-parallel group (ZeRO-1).
+    pub fn sharded(&self) -> bool {
+        matches!(self.weights, Weights::Shard { .. })
+    }
+
+    pub fn adamw(&mut self) -> &mut AdamW {
+        &mut self.adamw
+    }
+
+    /// The state a checkpoint must keep, by name, in the optimizer's coordinates: the Adam
+    /// moments, and the master weights where they differ from the parameters (bf16).
+    pub fn state(&self, params: &FlatParams) -> Vec<(&'static str, Tensor)> {
+        let mut state: Vec<_> = self.adamw.moments().iter().map(|(n, t)| (*n, t.shallow_clone())).collect();
+        match &self.weights {
+            Weights::Master(w) => state.push(("master", w.shallow_clone())),
+            Weights::Shard { weights, .. } if weights.kind() != params.values().kind() => {
+                state.push(("master", weights.shallow_clone()))
+            }
+            Weights::Flat | Weights::Shard { .. } => {}
+        }
+        state
+    }
+
+    /// The boxes of global tensors this rank's optimizer state holds, with `flat` in the
+    /// optimizer's coordinates.
+    pub fn regions(&self, params: &FlatParams) -> Vec<Region> {
+        let mut regions = Vec::new();
+        for chunk in &self.chunks {
+            for mut region in params.regions(&chunk.flat) {
+                let shift = chunk.offset - chunk.flat.start;
+                region.flat = region.flat.start + shift..region.flat.end + shift;
+                regions.push(region);
+            }
+        }
+        regions
     }
 
     /// L2 norm of the whole model's gradient: every element counted once over all ranks.

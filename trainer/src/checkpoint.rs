@@ -1,0 +1,575 @@
+//! Sharded checkpoints: each rank writes its pieces of global tensors, rank 0 commits a manifest and publishes the step by rename; loading reads, under any layout, the intersections it needs.
+//!
+//! Layout of `checkpoint.dir`:
+//! ```text
+//! step-00000100/manifest.json        written last, after every rank's files are fsync'd
+//! step-00000100/rank-00003.safetensors
+//! step-00000100/tokenizer.json
+//! .step-00000200.partial/            a save in progress (never loaded, removed later)
+//! latest                             the name of the newest complete step, replaced by rename
+//! ```
+//! Every stored tensor is a box of a global tensor (`Region`): a parameter under its
+//! Hugging Face name (`model:NAME`) or an optimizer state of it (`exp_avg:NAME`,
+//! `exp_avg_sq:NAME`, `master:NAME`). Replicated tensors are written by one rank only.
+use crate::comm::{Comm, GroupKind, ReduceOp};
+use crate::config::Config;
+use crate::params::{FlatParams, Region};
+use crate::zero::DistOptimizer;
+use anyhow::{bail, Context, Result};
+use data_shards::DataCursor;
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tch::{Kind, Tensor};
+use xxhash_rust::xxh3::xxh3_128;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Piece {
+    pub file: String,
+    pub key: String,
+    pub offset: Vec<i64>,
+    pub shape: Vec<i64>,
+    pub xxh3_128: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub shape: Vec<i64>,
+    pub dtype: String,
+    pub pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub step: i64,
+    pub data_cursor: DataCursor,
+    /// Layout of the run that saved it: world size, tensor-parallel degree, ZeRO.
+    pub world: usize,
+    pub tensor_parallel: usize,
+    pub zero: bool,
+    /// The resolved configuration of that run.
+    pub config: String,
+    pub tensors: BTreeMap<String, TensorEntry>,
+}
+
+impl Manifest {
+    /// Reads and checks a step directory's manifest: known format, every file inside the directory.
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("checkpoint {} has no readable manifest.json (an incomplete save?)", dir.display())
+        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+        if manifest.format_version > FORMAT_VERSION {
+            bail!(
+                "{}: checkpoint format version {} is newer than this trainer's {FORMAT_VERSION}; use a newer trainer",
+                path.display(),
+                manifest.format_version
+            );
+        }
+        for (name, entry) in &manifest.tensors {
+            for piece in &entry.pieces {
+                let file = Path::new(&piece.file);
+                if file.components().count() != 1 || file.file_name().is_none() {
+                    bail!(
+                        "{}: tensor {name} names the file {:?}, outside the checkpoint directory; refusing to read it",
+                        path.display(),
+                        piece.file
+                    );
+                }
+            }
+        }
+        Ok(manifest)
+    }
+}
+
+fn step_dir_name(step: i64) -> String {
+    format!("step-{step:08}")
+}
+
+fn dtype_name(kind: Kind) -> Result<(&'static str, StDtype)> {
+    Ok(match kind {
+        Kind::Float => ("float32", StDtype::F32),
+        Kind::Double => ("float64", StDtype::F64),
+        Kind::BFloat16 => ("bfloat16", StDtype::BF16),
+        other => bail!("cannot checkpoint {other:?} tensors"),
+    })
+}
+
+fn kind_of(dtype: &str) -> Result<Kind> {
+    Ok(match dtype {
+        "float32" => Kind::Float,
+        "float64" => Kind::Double,
+        "bfloat16" => Kind::BFloat16,
+        other => bail!("unknown tensor dtype {other:?} in the checkpoint"),
+    })
+}
+
+/// A view of `buffer` holding `region`, shaped as its box.
+fn region_view(buffer: &Tensor, region: &Region) -> Tensor {
+    buffer.narrow(0, region.flat.start, region.flat.end - region.flat.start).view(region.shape.as_slice())
+}
+
+/// What this rank stores: every region of the buffers it is responsible for.
+fn owned_regions(params: &FlatParams, optimizer: &DistOptimizer, comm: &Comm) -> Vec<(String, Region, Tensor)> {
+    let topology = comm.topology;
+    let mine = |r: &Region| !r.replicated || topology.tensor.rank == 0;
+    let mut out = Vec::new();
+    if topology.data.rank == 0 {
+        for region in params.regions(&(0..params.numel())).into_iter().filter(mine) {
+            out.push((format!("model:{}", region.name), region, params.values().shallow_clone()));
+        }
+    }
+    if optimizer.sharded() || topology.data.rank == 0 {
+        let regions: Vec<Region> = optimizer.regions(params).into_iter().filter(mine).collect();
+        for (state, buffer) in optimizer.state(params) {
+            for region in &regions {
+                out.push((format!("{state}:{}", region.name), region.clone(), buffer.shallow_clone()));
+            }
+        }
+    }
+    out
+}
+
+/// One rank's part of a save, copied to host memory.
+struct HostPiece {
+    tensor: String,
+    global_shape: Vec<i64>,
+    offset: Vec<i64>,
+    shape: Vec<i64>,
+    dtype: (&'static str, StDtype),
+    bytes: Vec<u8>,
+}
+
+/// Writes this rank's pieces and their index into the staging directory, fsync'd.
+fn write_rank_files(staging: &Path, rank: usize, pieces: Vec<HostPiece>) -> Result<u64> {
+    let file = format!("rank-{rank:05}.safetensors");
+    let mut index: BTreeMap<String, TensorEntry> = BTreeMap::new();
+    let mut views = Vec::with_capacity(pieces.len());
+    for (i, piece) in pieces.iter().enumerate() {
+        let key = format!("{i}");
+        let shape: Vec<usize> = piece.shape.iter().map(|&d| d as usize).collect();
+        views.push((key.clone(), TensorView::new(piece.dtype.1, shape, &piece.bytes)?));
+        let entry = index.entry(piece.tensor.clone()).or_insert_with(|| TensorEntry {
+            shape: piece.global_shape.clone(),
+            dtype: piece.dtype.0.into(),
+            pieces: Vec::new(),
+        });
+        entry.pieces.push(Piece {
+            file: file.clone(),
+            key,
+            offset: piece.offset.clone(),
+            shape: piece.shape.clone(),
+            xxh3_128: format!("{:032x}", xxh3_128(&piece.bytes)),
+        });
+    }
+    let path = staging.join(&file);
+    safetensors::tensor::serialize_to_file(views, None, &path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    File::open(&path)?.sync_all()?;
+    let bytes = std::fs::metadata(&path)?.len();
+    write_synced(&staging.join(format!("rank-{rank:05}.json")), serde_json::to_string(&index)?.as_bytes())?;
+    Ok(bytes)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)?.sync_all().with_context(|| format!("cannot fsync {}", dir.display()))
+}
+
+/// A save whose files are being written in the background.
+struct PendingSave {
+    step: i64,
+    staging: PathBuf,
+    manifest: Manifest,
+    writer: Option<JoinHandle<Result<u64>>>,
+    result: Option<Result<u64>>,
+    started: Instant,
+}
+
+/// Saves and commits checkpoints for one run: `save` copies this rank's state to host
+/// memory and writes it (in the background when asynchronous); `poll` (every step, on every
+/// rank) commits a save once every rank has written its files.
+pub struct Checkpointer {
+    root: PathBuf,
+    keep_last: usize,
+    asynchronous: bool,
+    tokenizer: Option<PathBuf>,
+    pending: Option<PendingSave>,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer").field("root", &self.root).finish()
+    }
+}
+
+/// What a completed save reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SaveReport {
+    pub step: i64,
+    pub dir: PathBuf,
+    /// Bytes written by all ranks, and by this one.
+    pub bytes: u64,
+    pub rank_bytes: u64,
+    pub seconds: f64,
+}
+
+impl Checkpointer {
+    pub fn new(root: PathBuf, keep_last: usize, asynchronous: bool, tokenizer: Option<PathBuf>) -> Checkpointer {
+        Checkpointer { root, keep_last, asynchronous, tokenizer, pending: None }
+    }
+
+    /// The newest complete checkpoint under `root`, if any.
+    pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
+        let pointer = root.join("latest");
+        match std::fs::read_to_string(&pointer) {
+            Ok(name) => Ok(Some(root.join(name.trim()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", pointer.display())),
+        }
+    }
+
+    /// Starts saving the state after `step` steps. Collective: every rank calls it at the
+    /// same step. A previous save still in flight is completed first.
+    pub fn save(
+        &mut self,
+        comm: &Comm,
+        params: &FlatParams,
+        optimizer: &DistOptimizer,
+        config: &Config,
+        step: i64,
+        cursor: DataCursor,
+    ) -> Result<Option<SaveReport>> {
+        let previous = self.finish(comm)?;
+        let started = Instant::now();
+        let staging = self.root.join(format!(".{}.partial", step_dir_name(step)));
+        std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+        let pieces = tch::no_grad(|| {
+            owned_regions(params, optimizer, comm)
+                .into_iter()
+                .map(|(tensor, region, buffer)| {
+                    let view = region_view(&buffer, &region).to_device(tch::Device::Cpu).contiguous();
+                    let mut bytes = vec![0u8; view.numel() * view.kind().elt_size_in_bytes()];
+                    view.copy_data_u8(&mut bytes, view.numel());
+                    Ok(HostPiece {
+                        tensor,
+                        global_shape: region.global_shape,
+                        offset: region.offset,
+                        shape: region.shape,
+                        dtype: dtype_name(view.kind())?,
+                        bytes,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let topology = comm.topology;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            step,
+            data_cursor: cursor,
+            world: topology.world,
+            tensor_parallel: topology.tensor.size,
+            zero: optimizer.sharded(),
+            config: config.to_toml(),
+            tensors: BTreeMap::new(),
+        };
+        let (dir, rank) = (staging.clone(), topology.rank);
+        let mut pending = PendingSave { step, staging, manifest, writer: None, result: None, started };
+        if self.asynchronous {
+            pending.writer = Some(std::thread::spawn(move || write_rank_files(&dir, rank, pieces)));
+            self.pending = Some(pending);
+            Ok(previous)
+        } else {
+            pending.result = Some(write_rank_files(&dir, rank, pieces));
+            self.pending = Some(pending);
+            Ok(self.finish(comm)?.or(previous))
+        }
+    }
+
+    /// Commits the pending save if every rank has written its files (never waits for the
+    /// writes). Collective: every rank calls it at every step.
+    pub fn poll(&mut self, comm: &Comm) -> Result<Option<SaveReport>> {
+        self.settle(comm, false)
+    }
+
+    /// Waits for the pending save, if any, and commits it. Collective.
+    pub fn finish(&mut self, comm: &Comm) -> Result<Option<SaveReport>> {
+        self.settle(comm, true)
+    }
+
+    fn settle(&mut self, comm: &Comm, wait: bool) -> Result<Option<SaveReport>> {
+        let Some(pending) = self.pending.as_mut() else { return Ok(None) };
+        if let Some(writer) = pending.writer.take_if(|w| wait || w.is_finished()) {
+            pending.result =
+                Some(writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer panicked"))));
+        }
+        // [still writing, failed], maximised over all ranks.
+        let status = Tensor::from_slice(&[
+            f64::from(u8::from(pending.result.is_none())),
+            f64::from(u8::from(matches!(pending.result, Some(Err(_))))),
+        ]);
+        comm.all_reduce(GroupKind::World, &status, ReduceOp::Max).wait()?;
+        let (writing, failed) = (status.double_value(&[0]) > 0.0, status.double_value(&[1]) > 0.0);
+        if writing {
+            return Ok(None);
+        }
+        let pending = self.pending.take().expect("a pending save");
+        let bytes = match pending.result {
+            Some(Ok(bytes)) => bytes,
+            Some(Err(e)) => {
+                return Err(
+                    e.context(format!("saving step {} failed; the previous checkpoint stays latest", pending.step))
+                )
+            }
+            None => unreachable!("settled above"),
+        };
+        if failed {
+            bail!("another rank failed to write step {}; the previous checkpoint stays latest", pending.step);
+        }
+        let rank_bytes = bytes;
+        let bytes = comm.sum_scalar(GroupKind::World, bytes as f64)? as u64;
+        let dir = self.root.join(step_dir_name(pending.step));
+        if comm.topology.rank == 0 {
+            self.commit(&pending, &dir, comm.topology.world)?;
+        }
+        comm.barrier(GroupKind::World).wait()?;
+        let seconds = pending.started.elapsed().as_secs_f64();
+        Ok(Some(SaveReport { step: pending.step, dir, bytes, rank_bytes, seconds }))
+    }
+
+    /// Rank 0: merge every rank's index into the manifest, write it last, publish the step
+    /// directory and then `latest` by rename, prune old checkpoints and failed saves.
+    fn commit(&self, pending: &PendingSave, dir: &Path, world: usize) -> Result<()> {
+        let mut manifest = pending.manifest.clone();
+        for rank in 0..world {
+            let path = pending.staging.join(format!("rank-{rank:05}.json"));
+            let index: BTreeMap<String, TensorEntry> = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+            for (name, entry) in index {
+                manifest
+                    .tensors
+                    .entry(name)
+                    .or_insert_with(|| TensorEntry { pieces: Vec::new(), ..entry.clone() })
+                    .pieces
+                    .extend(entry.pieces);
+            }
+            std::fs::remove_file(&path)?;
+        }
+        if let Some(tokenizer) = &self.tokenizer {
+            std::fs::copy(tokenizer, pending.staging.join("tokenizer.json"))?;
+        }
+        write_synced(&pending.staging.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+        sync_dir(&pending.staging)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::rename(&pending.staging, dir).with_context(|| format!("cannot publish {}", dir.display()))?;
+        let pointer = self.root.join("latest.tmp");
+        write_synced(&pointer, step_dir_name(pending.step).as_bytes())?;
+        std::fs::rename(&pointer, self.root.join("latest"))?;
+        sync_dir(&self.root)?;
+        self.prune(pending.step)
+    }
+
+    /// Removes all but the newest `keep_last` complete checkpoints and any abandoned partial save.
+    fn prune(&self, newest: i64) -> Result<()> {
+        let mut steps = Vec::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".step-") && name.ends_with(".partial") {
+                std::fs::remove_dir_all(self.root.join(&name))?;
+            } else if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<i64>().ok()) {
+                if step <= newest {
+                    steps.push(step);
+                }
+            }
+        }
+        steps.sort_unstable();
+        for step in &steps[..steps.len().saturating_sub(self.keep_last)] {
+            std::fs::remove_dir_all(self.root.join(step_dir_name(*step)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads, for one loading rank, boxes of global tensors out of a checkpoint's pieces.
+pub struct Reader {
+    dir: PathBuf,
+    manifest: Manifest,
+    files: HashMap<String, memmap2::Mmap>,
+    verified: HashSet<(String, String)>,
+    bytes_read: u64,
+}
+
+impl Reader {
+    pub fn open(dir: &Path) -> Result<Reader> {
+        Ok(Reader {
+            dir: dir.to_path_buf(),
+            manifest: Manifest::read(dir)?,
+            files: HashMap::new(),
+            verified: HashSet::new(),
+            bytes_read: 0,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Bytes of the pieces read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    fn file(&mut self, name: &str) -> Result<&memmap2::Mmap> {
+        if !self.files.contains_key(name) {
+            let path = self.dir.join(name);
+            let file = File::open(&path)
+                .with_context(|| format!("checkpoint file {} is missing (named by the manifest)", path.display()))?;
+            // SAFETY: checkpoint files are never modified after they are published; the map
+            // is read-only and every piece's bytes are checksummed before use.
+            let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            self.files.insert(name.to_string(), map);
+        }
+        Ok(&self.files[name])
+    }
+
+    /// Fills `target` (shaped as the box at `offset` of global tensor `name`) from the
+    /// pieces that intersect it; every element must be covered.
+    pub fn read_box(&mut self, name: &str, global_shape: &[i64], offset: &[i64], target: &Tensor) -> Result<()> {
+        let entry = self.manifest.tensors.get(name).cloned().with_context(|| {
+            format!(
+                "checkpoint {} has no tensor {name} (saved by another model or optimizer setup?)",
+                self.dir.display()
+            )
+        })?;
+        if entry.shape != global_shape {
+            bail!(
+                "checkpoint {}: tensor {name} has shape {:?}, the model needs {:?} (incompatible model shape)",
+                self.dir.display(),
+                entry.shape,
+                global_shape
+            );
+        }
+        let kind = kind_of(&entry.dtype)?;
+        let size = target.size();
+        let mut covered = 0i64;
+        for piece in &entry.pieces {
+            let (start, end): (Vec<i64>, Vec<i64>) = (0..size.len())
+                .map(|d| (offset[d].max(piece.offset[d]), (offset[d] + size[d]).min(piece.offset[d] + piece.shape[d])))
+                .unzip();
+            if start.iter().zip(&end).any(|(s, e)| s >= e) {
+                continue;
+            }
+            let source = self.piece_tensor(piece, kind, name)?;
+            let (mut src, mut dst) = (source, target.shallow_clone());
+            for d in 0..size.len() {
+                src = src.narrow(d as i64, start[d] - piece.offset[d], end[d] - start[d]);
+                dst = dst.narrow(d as i64, start[d] - offset[d], end[d] - start[d]);
+            }
+            covered += src.numel() as i64;
+            dst.copy_(&src);
+        }
+        if covered != target.numel() as i64 {
+            bail!("checkpoint {}: the pieces of {name} do not cover the part this rank needs", self.dir.display());
+        }
+        Ok(())
+    }
+
+    /// A piece as a CPU tensor, its bytes checked against the manifest's checksum once.
+    fn piece_tensor(&mut self, piece: &Piece, kind: Kind, name: &str) -> Result<Tensor> {
+        let dir = self.dir.clone();
+        let id = (piece.file.clone(), piece.key.clone());
+        let verify = !self.verified.contains(&id);
+        let map = self.file(&piece.file)?;
+        let path = dir.join(&piece.file);
+        let tensors = SafeTensors::deserialize(map)
+            .with_context(|| format!("checkpoint file {} is truncated or corrupt", path.display()))?;
+        let view = tensors
+            .tensor(&piece.key)
+            .with_context(|| format!("checkpoint file {} lacks piece {} of {name}", path.display(), piece.key))?;
+        let bytes = view.data();
+        if verify {
+            let actual = format!("{:032x}", xxh3_128(bytes));
+            if actual != piece.xxh3_128 {
+                bail!(
+                    "checkpoint file {}: checksum mismatch in {name} (expected {}, got {actual}); the file is corrupted",
+                    path.display(),
+                    piece.xxh3_128
+                );
+            }
+        }
+        let tensor = Tensor::f_from_data_size(bytes, &piece.shape, kind)?;
+        if verify {
+            self.bytes_read += bytes.len() as u64;
+        }
+        self.verified.insert(id);
+        Ok(tensor)
+    }
+}
+
+/// Loads a checkpoint into this rank's parameters (before the optimizer is built from them).
+pub fn load_params(reader: &mut Reader, params: &FlatParams) -> Result<()> {
+    tch::no_grad(|| {
+        for region in params.regions(&(0..params.numel())) {
+            let target = region_view(params.values(), &region);
+            reader.read_box(&format!("model:{}", region.name), &region.global_shape, &region.offset, &target)?;
+        }
+        Ok(())
+    })
+}
+
+/// Loads a checkpoint's optimizer state into this rank's (freshly built) optimizer.
+pub fn load_optimizer(reader: &mut Reader, params: &FlatParams, optimizer: &mut DistOptimizer) -> Result<()> {
+    let regions = optimizer.regions(params);
+    tch::no_grad(|| {
+        for (state, buffer) in optimizer.state(params) {
+            for region in &regions {
+                let target = region_view(&buffer, region);
+                let name = format!("{state}:{}", region.name);
+                reader.read_box(&name, &region.global_shape, &region.offset, &target)?;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    optimizer.adamw().set_steps_taken(reader.manifest().step);
+    Ok(())
+}
+
+/// Writes a checkpoint's model as a Hugging Face directory (no ranks needed: every tensor is
+/// assembled from its pieces).
+pub fn export_hf(checkpoint: &Path, output: &Path) -> Result<()> {
+    let mut reader = Reader::open(checkpoint)?;
+    let config = Config::parse(&reader.manifest().config, &[])
+        .with_context(|| format!("{}: the saved configuration is invalid", checkpoint.display()))?;
+    let names: Vec<(String, Vec<i64>, String)> = reader
+        .manifest()
+        .tensors
+        .iter()
+        .filter_map(|(name, e)| Some((name.strip_prefix("model:")?.to_string(), e.shape.clone(), e.dtype.clone())))
+        .collect();
+    let mut weights = Vec::with_capacity(names.len());
+    for (name, shape, dtype) in names {
+        let tensor = Tensor::zeros(shape.as_slice(), (kind_of(&dtype)?, tch::Device::Cpu));
+        reader.read_box(&format!("model:{name}"), &shape, &vec![0; shape.len()], &tensor)?;
+        weights.push((name, tensor));
+    }
+    let tokenizer = checkpoint.join("tokenizer.json");
+    crate::hf::write_dir(&weights, &config, tokenizer.exists().then_some(tokenizer.as_path()), output)
+}

@@ -1,0 +1,138 @@
+//! Shared by the multi-rank tests: a small model config, a random-token dataset, and running the trainer under real `mpirun`.
+#![allow(dead_code)]
+use data_shards::{DatasetWriter, Dtype, ManifestMeta, Split};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use tch::Tensor;
+
+pub const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
+pub const STEPS: usize = 5;
+
+/// A small grouped-query model, in f64, on random tokens.
+pub fn config(data: &Path, run_dir: &Path, micro_batch: i64) -> String {
+    format!(
+        r#"
+[model]
+dim = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_dim = 96
+vocab_size = 512
+max_seq_len = 32
+
+[train]
+steps = {STEPS}
+seq_len = 16
+global_batch = 8
+micro_batch = {micro_batch}
+seed = 5
+dtype = "float64"
+threads = 1
+eval_every = 5
+eval_sequences = 4
+run_dir = "{run}"
+export_dir = "{run}/final"
+
+[optim]
+lr = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+weight_decay = 0.1
+grad_clip = 0.5
+
+[data]
+path = "{data}"
+"#,
+        run = run_dir.display(),
+        data = data.display()
+    )
+}
+
+/// Random documents of random tokens, written in the data-shards format.
+pub fn random_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut writer = DatasetWriter::new(dir, Dtype::U16, 1 << 20);
+    let mut state = 12345u64;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    for doc in 0..120 {
+        let len = 20 + next() % 60;
+        let tokens: Vec<u32> = (0..len).map(|_| 1 + next() % 511).chain([0]).collect();
+        let split = if doc % 10 == 0 { Split::Valid } else { Split::Train };
+        writer.push_document(split, &tokens).unwrap();
+    }
+    let meta = ManifestMeta { tokenizer: None, vocab_size: 512, eos_token: None, eos_id: Some(0), valid_fraction: 0.1 };
+    writer.finish(meta).unwrap();
+}
+
+pub fn mpirun(ranks: usize) -> Command {
+    let mut command = Command::new("mpirun");
+    command
+        .args(["-np", &ranks.to_string(), "--oversubscribe", "--bind-to", "none"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    command
+}
+
+pub fn trainer_command(ranks: usize) -> Command {
+    if ranks == 1 {
+        return Command::new(TRAINER);
+    }
+    let mut command = mpirun(ranks);
+    command.arg(TRAINER);
+    command
+}
+
+pub struct Run {
+    pub losses: Vec<f64>,
+    pub val_losses: Vec<f64>,
+    pub weights: HashMap<String, Tensor>,
+}
+
+pub fn train(work: &Path, name: &str, ranks: usize, overrides: &[String]) -> Run {
+    let run_dir = work.join(name);
+    let tp: usize = overrides.iter().find_map(|o| o.strip_prefix("parallel.tensor=")?.parse().ok()).unwrap_or(1);
+    let dp = ranks / tp;
+    let config_path = work.join(format!("{name}.toml"));
+    std::fs::write(&config_path, config(&work.join("data"), &run_dir, 8 / (2 * dp as i64))).unwrap();
+    let mut command = trainer_command(ranks);
+    command.args(["train", "--config"]).arg(&config_path);
+    for item in overrides {
+        command.args(["--set", item]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{name} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let lines = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let weights = Tensor::read_safetensors(run_dir.join("final/model.safetensors")).unwrap().into_iter().collect();
+    Run {
+        losses: records.iter().map(|r| r["loss"].as_f64().unwrap()).collect(),
+        val_losses: records.iter().filter_map(|r| r["val_loss"].as_f64()).collect(),
+        weights,
+    }
+}
+
+pub fn relative_diff(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-300)
+}
+
+/// Pid of the trainer process that is rank `rank` of a job whose command line mentions `marker`.
+pub fn rank_pid(rank: usize, marker: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let environ = std::fs::read(entry.path().join("environ")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let is_rank = environ.split(|&b| b == 0).any(|v| v == format!("OMPI_COMM_WORLD_RANK={rank}").as_bytes());
+        (cmdline.starts_with(TRAINER) && cmdline.contains(marker) && is_rank).then_some(pid)
+    })
+}
+
+pub fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status();
+}
