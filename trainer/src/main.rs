@@ -65,7 +65,21 @@ enum Command {
     },
 }
 
+/// Keeps freed tensor memory in the process instead of returning it to the kernel: glibc
+/// serves blocks above 128 KiB with mmap/munmap, so every step's activations would be
+/// page-faulted in afresh (measured: ~9% of a CPU training step).
+fn keep_freed_memory() {
+    const ONE_GIB: i32 = 1 << 30;
+    // SAFETY: mallopt only adjusts allocator tunables; it is called before any other thread
+    // exists and takes plain integers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, ONE_GIB);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, ONE_GIB);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     // Every log line carries the rank: the MPI rank from the launcher's environment (0 alone).

@@ -79,17 +79,15 @@ impl AdamW {
             let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2).addcmul_(grads, &(grads * (1.0 - c.beta2)));
             let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
             let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
-            // update = -lr / bc1 * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps), built in scratch.
-            self.scratch.copy_(&self.exp_avg_sq);
-            let _ = self
-                .scratch
-                .sqrt_()
-                .g_div_scalar_(bias_correction2.sqrt())
-                .g_add_scalar_(c.eps)
-                .reciprocal_()
-                .g_mul_(&self.exp_avg)
-                .g_mul_scalar_(-lr / bias_correction1);
-            let _ = weights.g_add_(&self.scratch);
+            if lr == 0.0 {
+                return;
+            }
+            // update = -lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) = m / denom, with
+            // denom = (sqrt(v) + eps * sqrt(bc2)) * -bc1 / (lr * sqrt(bc2)): four passes.
+            let root_bc2 = bias_correction2.sqrt();
+            let _ = self.exp_avg_sq.sqrt_out(&self.scratch);
+            let _ = self.scratch.g_add_scalar_(c.eps * root_bc2).g_mul_scalar_(-bias_correction1 / (lr * root_bc2));
+            let _ = weights.addcdiv_(&self.exp_avg, &self.scratch);
         });
     }
 }
