@@ -91,3 +91,11 @@ def test_tensor_and_data_parallel_run_through_the_launcher(fortunes_data, tmp_pa
     history = records(tmp_path)
     assert len(history) == 30
     assert history[-1]["val_loss"] < history[0]["loss"] - 1.0, history[-1]
+
+
+def test_non_finite_gradients_skip_the_update(fortunes_data, tmp_path):
+    """An absurd learning rate blows the weights up; the next steps' NaN gradients must skip updates, not crash."""
+    result = train(fortunes_data, tmp_path, "train.steps=4", "train.eval_every=0", "optim.lr=1e30",
+                   "optim.warmup_steps=0", "optim.grad_clip=0", "train.sample_tokens=0")
+    assert "update skipped" in result.stderr, result.stderr
+    assert len(records(tmp_path)) == 4

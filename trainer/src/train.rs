@@ -119,6 +119,10 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let loss = comm.sum_scalar(GroupKind::Data, loss)?;
         let lr = learning_rate(&config.optim, step, t.steps);
         let grad_norm = optimizer.step(&engine.params, lr, config.optim.grad_clip)?;
+        if !grad_norm.is_finite() {
+            metrics.record_skipped_step();
+            tracing::warn!("step {}: gradient norm {grad_norm}, update skipped", step + 1);
+        }
         lap(Phase::Optimizer);
         let step_seconds = start.elapsed().as_secs_f64();
 

@@ -132,13 +132,17 @@ impl DistOptimizer {
 
     /// After every segment's reduction has completed: the global gradient norm (returned,
     /// before clipping), clipping to `max_norm`, the AdamW update, and (ZeRO) the all-gather
-    /// of the updated parameters.
+    /// of the updated parameters. A non-finite norm skips the update.
     pub fn step(&mut self, params: &FlatParams, lr: f64, max_norm: f64) -> Result<f64> {
         let grads = match &self.weights {
             Weights::Shard { grads, .. } => grads.shallow_clone(),
             Weights::Flat | Weights::Master(_) => params.grads().shallow_clone(),
         };
         let norm = self.global_grad_norm(&grads)?;
+        if !norm.is_finite() {
+            // Every rank sees the same global norm, so every rank skips this update.
+            return Ok(norm);
+        }
         let scale = clip_scale(norm, max_norm);
         if scale < 1.0 {
             let _ = grads.shallow_clone().g_mul_scalar_(scale);
@@ -211,6 +215,8 @@ impl DistOptimizer {
             Weights::Shard { .. } => GroupKind::World,
             Weights::Flat | Weights::Master(_) => GroupKind::Tensor,
         };
-        Ok(self.comm.sum_scalar(group, sum)?.max(0.0).sqrt())
+        let total = self.comm.sum_scalar(group, sum)?;
+        // Rounding can leave a tiny negative total; NaN must survive (f64::max would drop it).
+        Ok(if total < 0.0 { 0.0 } else { total.sqrt() })
     }
 }
