@@ -120,22 +120,19 @@ fn region_view(buffer: &Tensor, region: &Region) -> Tensor {
     buffer.narrow(0, region.flat.start, region.flat.end - region.flat.start).view(region.shape.as_slice())
 }
 
-/// What this rank stores: every region of the buffers it is responsible for.
-fn owned_regions(params: &FlatParams, optimizer: &DistOptimizer, comm: &Comm) -> Vec<(String, Region, Tensor)> {
+/// What this rank stores: the buffers it is responsible for, each with its named regions.
+fn owned_regions(params: &FlatParams, optimizer: &DistOptimizer, comm: &Comm) -> Vec<(Tensor, Vec<(String, Region)>)> {
     let topology = comm.topology;
     let mine = |r: &Region| !r.replicated || topology.tensor.rank == 0;
     let mut out = Vec::new();
     if topology.data.rank == 0 {
-        for region in params.regions(&(0..params.numel())).into_iter().filter(mine) {
-            out.push((format!("model:{}", region.name), region, params.values().shallow_clone()));
-        }
+        let regions = params.regions(&(0..params.numel())).into_iter().filter(mine);
+        out.push((params.values().shallow_clone(), regions.map(|r| (format!("model:{}", r.name), r)).collect()));
     }
     if optimizer.sharded() || topology.data.rank == 0 {
         let regions: Vec<Region> = optimizer.regions(params).into_iter().filter(mine).collect();
         for (state, buffer) in optimizer.state(params) {
-            for region in &regions {
-                out.push((format!("{state}:{}", region.name), region.clone(), buffer.shallow_clone()));
-            }
+            out.push((buffer, regions.iter().map(|r| (format!("{state}:{}", r.name), r.clone())).collect()));
         }
     }
     out
@@ -148,18 +145,28 @@ struct HostPiece {
     offset: Vec<i64>,
     shape: Vec<i64>,
     dtype: (&'static str, StDtype),
-    bytes: Vec<u8>,
+    /// A host copy of the box, taken while training waits; turned into bytes by the writer.
+    data: Tensor,
+}
+
+impl HostPiece {
+    fn bytes(&self) -> Vec<u8> {
+        let mut bytes = vec![0u8; self.data.numel() * self.data.kind().elt_size_in_bytes()];
+        self.data.copy_data_u8(&mut bytes, self.data.numel());
+        bytes
+    }
 }
 
 /// Writes this rank's pieces and their index into the staging directory, fsync'd.
 fn write_rank_files(staging: &Path, rank: usize, pieces: Vec<HostPiece>) -> Result<u64> {
     let file = format!("rank-{rank:05}.safetensors");
     let mut index: BTreeMap<String, TensorEntry> = BTreeMap::new();
+    let bytes: Vec<Vec<u8>> = pieces.iter().map(HostPiece::bytes).collect();
     let mut views = Vec::with_capacity(pieces.len());
-    for (i, piece) in pieces.iter().enumerate() {
+    for (i, (piece, bytes)) in pieces.iter().zip(&bytes).enumerate() {
         let key = format!("{i}");
         let shape: Vec<usize> = piece.shape.iter().map(|&d| d as usize).collect();
-        views.push((key.clone(), TensorView::new(piece.dtype.1, shape, &piece.bytes)?));
+        views.push((key.clone(), TensorView::new(piece.dtype.1, shape, bytes)?));
         let entry = index.entry(piece.tensor.clone()).or_insert_with(|| TensorEntry {
             shape: piece.global_shape.clone(),
             dtype: piece.dtype.0.into(),
@@ -170,7 +177,7 @@ fn write_rank_files(staging: &Path, rank: usize, pieces: Vec<HostPiece>) -> Resu
             key,
             offset: piece.offset.clone(),
             shape: piece.shape.clone(),
-            xxh3_128: format!("{:032x}", xxh3_128(&piece.bytes)),
+            xxh3_128: format!("{:032x}", xxh3_128(bytes)),
         });
     }
     let path = staging.join(&file);
@@ -261,24 +268,29 @@ impl Checkpointer {
         let started = Instant::now();
         let staging = self.root.join(format!(".{}.partial", step_dir_name(step)));
         std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-        let pieces = tch::no_grad(|| {
-            owned_regions(params, optimizer, comm)
-                .into_iter()
-                .map(|(tensor, region, buffer)| {
-                    let view = region_view(&buffer, &region).to_device(tch::Device::Cpu).contiguous();
-                    let mut bytes = vec![0u8; view.numel() * view.kind().elt_size_in_bytes()];
-                    view.copy_data_u8(&mut bytes, view.numel());
-                    Ok(HostPiece {
-                        tensor,
-                        global_shape: region.global_shape,
-                        offset: region.offset,
-                        shape: region.shape,
-                        dtype: dtype_name(view.kind())?,
-                        bytes,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
+        // What training waits for: one host copy per buffer; the boxes are views of it.
+        let mut pieces = Vec::new();
+        for (buffer, regions) in owned_regions(params, optimizer, comm) {
+            let host = tch::no_grad(|| {
+                if buffer.device() == tch::Device::Cpu {
+                    buffer.copy()
+                } else {
+                    buffer.to_device(tch::Device::Cpu)
+                }
+            });
+            let dtype = dtype_name(host.kind())?;
+            for (tensor, region) in regions {
+                let data = region_view(&host, &region);
+                pieces.push(HostPiece {
+                    tensor,
+                    global_shape: region.global_shape,
+                    offset: region.offset,
+                    shape: region.shape,
+                    dtype,
+                    data,
+                });
+            }
+        }
         let topology = comm.topology;
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
@@ -408,11 +420,18 @@ impl Checkpointer {
     }
 }
 
+/// A checkpoint file, memory-mapped, with its safetensors header parsed once.
+struct MappedFile {
+    map: memmap2::Mmap,
+    /// Byte range of each stored piece within the file.
+    pieces: HashMap<String, std::ops::Range<usize>>,
+}
+
 /// Reads, for one loading rank, boxes of global tensors out of a checkpoint's pieces.
 pub struct Reader {
     dir: PathBuf,
     manifest: Manifest,
-    files: HashMap<String, memmap2::Mmap>,
+    files: HashMap<String, MappedFile>,
     verified: HashSet<(String, String)>,
     bytes_read: u64,
 }
@@ -437,7 +456,7 @@ impl Reader {
         self.bytes_read
     }
 
-    fn file(&mut self, name: &str) -> Result<&memmap2::Mmap> {
+    fn file(&mut self, name: &str) -> Result<&MappedFile> {
         if !self.files.contains_key(name) {
             let path = self.dir.join(name);
             let file = File::open(&path)
@@ -445,7 +464,15 @@ impl Reader {
             // SAFETY: checkpoint files are never modified after they are published; the map
             // is read-only and every piece's bytes are checksummed before use.
             let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-            self.files.insert(name.to_string(), map);
+            let (header, metadata) = SafeTensors::read_metadata(&map)
+                .with_context(|| format!("checkpoint file {} is truncated or corrupt", path.display()))?;
+            let data_start = 8 + header;
+            let pieces = metadata
+                .tensors()
+                .into_iter()
+                .map(|(key, info)| (key, data_start + info.data_offsets.0..data_start + info.data_offsets.1))
+                .collect();
+            self.files.insert(name.to_string(), MappedFile { map, pieces });
         }
         Ok(&self.files[name])
     }
@@ -492,19 +519,23 @@ impl Reader {
         Ok(())
     }
 
-    /// A piece as a CPU tensor, its bytes checked against the manifest's checksum once.
+    /// A piece as a CPU tensor over the mapped file (no copy), its bytes checked against the
+    /// manifest's checksum the first time. The tensor must not outlive the reader.
     fn piece_tensor(&mut self, piece: &Piece, kind: Kind, name: &str) -> Result<Tensor> {
-        let dir = self.dir.clone();
         let id = (piece.file.clone(), piece.key.clone());
         let verify = !self.verified.contains(&id);
-        let map = self.file(&piece.file)?;
-        let path = dir.join(&piece.file);
-        let tensors = SafeTensors::deserialize(map)
-            .with_context(|| format!("checkpoint file {} is truncated or corrupt", path.display()))?;
-        let view = tensors
-            .tensor(&piece.key)
+        let path = self.dir.join(&piece.file);
+        let file = self.file(&piece.file)?;
+        let range = file
+            .pieces
+            .get(&piece.key)
+            .cloned()
             .with_context(|| format!("checkpoint file {} lacks piece {} of {name}", path.display(), piece.key))?;
-        let bytes = view.data();
+        let bytes = &file.map[range];
+        let numel: i64 = piece.shape.iter().product();
+        if bytes.len() != numel as usize * kind.elt_size_in_bytes() {
+            bail!("checkpoint file {}: piece {} of {name} has the wrong size", path.display(), piece.key);
+        }
         if verify {
             let actual = format!("{:032x}", xxh3_128(bytes));
             if actual != piece.xxh3_128 {
@@ -515,12 +546,16 @@ impl Reader {
                 );
             }
         }
-        let tensor = Tensor::f_from_data_size(bytes, &piece.shape, kind)?;
+        let (pointer, length) = (bytes.as_ptr(), bytes.len());
         if verify {
-            self.bytes_read += bytes.len() as u64;
+            self.bytes_read += length as u64;
+            self.verified.insert(id);
         }
-        self.verified.insert(id);
-        Ok(tensor)
+        let strides: Vec<i64> = (0..piece.shape.len()).map(|d| piece.shape[d + 1..].iter().product()).collect();
+        // SAFETY: `pointer` holds `numel` elements of `kind` (checked above) in a read-only map
+        // owned by this reader; the tensor is only read (copied out of) while the reader,
+        // and so the map, is alive: `read_box` drops it before returning.
+        Ok(unsafe { Tensor::from_blob(pointer, &piece.shape, &strides, kind, tch::Device::Cpu) })
     }
 }
 
