@@ -33,3 +33,88 @@ def fortunes_data(tmp_path_factory) -> Path:
     out = work / "shards"
     run(binary("data-shards"), "prepare", *corpus, "--tokenizer", tokenizer, "--output", out, "--valid-fraction", 0.02)
     return out
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node Slurm (slurmctld + slurmd, no munge, no cgroups) with its state in a temp dir; yields the
+    environment (SLURM_CONF) for Slurm's commands. Stopped at the end by its own pids."""
+    import shutil
+    import socket
+    import time
+    missing = [c for c in ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
+               if shutil.which(c, path=os.environ.get("PATH", "") + ":/usr/sbin") is None]
+    if missing:
+        pytest.fail(f"Slurm is not installed ({', '.join(missing)} not found): scripts/test installs the Debian "
+                    "packages slurm-wlm and munge (apt-get install slurm-wlm munge)")
+    base = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool", "log"):
+        (base / sub).mkdir()
+    host = socket.gethostname().split(".")[0]
+    node = subprocess.run(["/usr/sbin/slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+    node = node.splitlines()[0]
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    conf = base / "slurm.conf"
+    # proctrack/linuxproc: the default cgroup tracker fails every step here while sbatch --wait still returns 0.
+    conf.write_text(f"""ClusterName=pytest
+SlurmctldHost={host}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser={user}
+SlurmdUser={user}
+AuthType=auth/none
+CredType=cred/none
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/log/slurmctld.log
+SlurmdLogFile={base}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=pmix
+MailProg=/bin/true
+ReturnToService=2
+MinJobAge=300
+KillWait=5
+{node} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+""")
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    pids = []
+    try:
+        for daemon in ("slurmctld", "slurmd"):
+            subprocess.run([f"/usr/sbin/{daemon}"], env=env, check=True)  # daemonizes, pid in its pid file
+            pid_file = base / f"{daemon}.pid"
+            for _ in range(100):
+                if pid_file.exists() and pid_file.read_text().strip():
+                    break
+                time.sleep(0.05)
+            pids.append(int(pid_file.read_text()))
+        state = ""
+        for _ in range(150):
+            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
+            if state == "idle":
+                break
+            time.sleep(0.2)
+        assert state == "idle", f"the Slurm node did not become idle ({state!r}); logs in {base}/log"
+        yield env
+    finally:
+        subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
+        deadline = time.time() + 10
+        for pid in pids:
+            while time.time() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.1)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, 9)

@@ -1,12 +1,15 @@
 //! The `launcher` command line: starts the trainer's ranks through `mpirun` and reports how the job ended.
 mod mpirun;
+mod slurm;
+mod supervise;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use mpirun::{exit_code, Job};
+use mpirun::Job;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(about = "Launches distributed training jobs", version)]
@@ -19,6 +22,9 @@ struct Cli {
 enum Command {
     /// Start N ranks of the program through mpirun, relaying their output prefixed with `[rank R] `.
     Run(RunArgs),
+    /// Write an sbatch script that runs the trainer's ranks with `srun --mpi=pmix` and requeues the job when it is
+    /// preempted; print it, or submit it with `--submit`.
+    Slurm(SlurmArgs),
 }
 
 #[derive(Args)]
@@ -39,9 +45,91 @@ struct RunArgs {
     #[arg(long = "mpirun-arg", value_name = "ARG", allow_hyphen_values = true)]
     mpirun_args: Vec<String>,
 
+    /// Supervise the job: start it again after a failure (a rank exits non-zero or is killed), up to K times. The
+    /// trainer resumes from its latest checkpoint. 0: run it once.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    max_restarts: u32,
+
+    /// Seconds to wait before the first restart after a failure; doubled for each further one, at most 300.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_seconds)]
+    restart_backoff: f64,
+
+    /// When the job exits 75 (preempted: it saved a checkpoint), start it again at once instead of exiting 75.
+    #[arg(long)]
+    restart_on_preempt: bool,
+
     /// Arguments for the program, after `--`.
     #[arg(last = true, value_name = "PROGRAM_ARGS")]
     program_args: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct SlurmArgs {
+    /// Nodes to allocate.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    nodes: u32,
+
+    /// GPUs per node; one rank per GPU. 0 (CPU only) needs --ntasks-per-node.
+    #[arg(long, value_name = "G")]
+    gpus_per_node: u32,
+
+    /// Ranks per node [default: --gpus-per-node].
+    #[arg(long, value_name = "T")]
+    ntasks_per_node: Option<u32>,
+
+    /// CPUs per rank.
+    #[arg(long, value_name = "C", value_parser = clap::value_parser!(u32).range(1..))]
+    cpus_per_task: Option<u32>,
+
+    /// Time limit, e.g. 04:00:00.
+    #[arg(long, value_name = "HH:MM:SS")]
+    time: Option<String>,
+
+    /// Partition to submit to.
+    #[arg(long, value_name = "P")]
+    partition: Option<String>,
+
+    /// Job name.
+    #[arg(long, value_name = "J", default_value = "llama-trainer")]
+    job_name: String,
+
+    /// Directory for the script, the job's output (J-JOBID.out) and prometheus-targets.json.
+    #[arg(long, value_name = "D", default_value = "runs/slurm")]
+    output_dir: PathBuf,
+
+    /// Slurm signals the batch script (USR1) this many seconds before the time limit; the ranks then save and the
+    /// job requeues itself.
+    #[arg(long, value_name = "S", default_value_t = 300)]
+    signal_lead_seconds: u32,
+
+    /// Port of node-local rank 0's metrics endpoint in the Prometheus targets [default: `--set metrics.port=` in the
+    /// trainer's arguments, else 9400].
+    #[arg(long, value_name = "PORT")]
+    metrics_port: Option<u16>,
+
+    /// Program every rank runs [default: the `trainer` binary next to this launcher].
+    #[arg(long, value_name = "PATH")]
+    program: Option<PathBuf>,
+
+    /// Write the script to the output directory and submit it with sbatch (prints the job id); without it the script
+    /// is printed.
+    #[arg(long)]
+    submit: bool,
+
+    /// With --submit: wait for the job to end (`sbatch --wait`) and exit with its status.
+    #[arg(long, requires = "submit")]
+    wait: bool,
+
+    /// Arguments for the trainer, after `--`.
+    #[arg(last = true, value_name = "TRAINER_ARGS")]
+    program_args: Vec<OsString>,
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(seconds),
+        _ => Err(format!("{text:?} is not a number of seconds >= 0")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -57,6 +145,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run_job(args),
+        Command::Slurm(args) => slurm_job(args),
     }
 }
 
@@ -77,16 +166,49 @@ fn run_job(args: RunArgs) -> Result<ExitCode> {
         program_args: args.program_args,
         hostfile: args.hostfile,
         mpirun_args: args.mpirun_args,
+        env: Vec::new(),
     };
-    let outcome = job.run()?;
-    let code = exit_code(outcome.status);
-    if code != 0 {
-        let forwarded = match outcome.forwarded_signal {
-            Some(name) => format!(", after forwarding {name} to mpirun"),
-            None => String::new(),
-        };
-        eprintln!("launcher: job failed ({}{forwarded})", describe(outcome.status));
+    let policy = supervise::Policy {
+        max_restarts: args.max_restarts,
+        backoff: Duration::from_secs_f64(args.restart_backoff),
+        restart_on_preempt: args.restart_on_preempt,
+    };
+    let code = supervise::supervise(job, &policy)?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
+}
+
+fn slurm_job(args: SlurmArgs) -> Result<ExitCode> {
+    let program = match args.program {
+        Some(program) => program,
+        None => default_program()?,
+    };
+    let program = mpirun::resolve_program(&program)?;
+    let metrics_port = match args.metrics_port {
+        Some(port) => port,
+        None => slurm::metrics_port_in(&args.program_args)?.unwrap_or(slurm::DEFAULT_METRICS_PORT),
+    };
+    let workdir = std::env::current_dir().context("cannot read the current directory")?;
+    let batch = slurm::Batch {
+        nodes: args.nodes,
+        gpus_per_node: args.gpus_per_node,
+        ntasks_per_node: args.ntasks_per_node.unwrap_or(args.gpus_per_node),
+        cpus_per_task: args.cpus_per_task,
+        time: args.time,
+        partition: args.partition,
+        job_name: args.job_name,
+        output_dir: std::path::absolute(&args.output_dir)
+            .with_context(|| format!("invalid --output-dir {}", args.output_dir.display()))?,
+        workdir,
+        signal_lead_seconds: args.signal_lead_seconds,
+        program,
+        program_args: args.program_args,
+        metrics_port,
+    };
+    if !args.submit {
+        print!("{}", batch.script()?);
+        return Ok(ExitCode::SUCCESS);
     }
+    let code = slurm::submit(&batch, args.wait)?;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
 }
 
@@ -95,13 +217,4 @@ fn default_program() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate the launcher's own executable")?;
     let dir = exe.parent().unwrap_or(Path::new("/"));
     Ok(dir.join("trainer"))
-}
-
-fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(signal)) => format!("mpirun killed by signal {signal}"),
-        (None, None) => format!("{status}"),
-    }
 }

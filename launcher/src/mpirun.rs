@@ -7,8 +7,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,8 @@ pub struct Job {
     pub hostfile: Option<PathBuf>,
     /// Appended to mpirun's own flags, before the program.
     pub mpirun_args: Vec<String>,
+    /// Environment variables set for mpirun and exported to every rank (`-x NAME`).
+    pub env: Vec<(String, String)>,
 }
 
 /// How the job ended.
@@ -32,8 +35,113 @@ pub struct Job {
 pub struct Outcome {
     /// mpirun's exit status.
     pub status: ExitStatus,
-    /// The last signal the launcher received and forwarded to mpirun, e.g. `SIGTERM`.
+    /// The last signal the launcher received and forwarded to mpirun during this job, e.g. `SIGTERM`.
     pub forwarded_signal: Option<&'static str>,
+    /// A rank reported that the trainer refused its configuration (`error: invalid config ...`): running the same
+    /// job again cannot succeed.
+    pub config_refused: bool,
+    /// Processes of the job still alive after mpirun exited, killed by the launcher.
+    pub leftovers_killed: usize,
+}
+
+/// Forwards the launcher's SIGINT and SIGTERM to the running mpirun (if any) and remembers that one arrived, for as
+/// long as it lives (across the attempts of a supervised job).
+pub struct SignalForwarder {
+    state: Arc<(Mutex<ForwardState>, Condvar)>,
+    handle: signal_hook::iterator::Handle,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct ForwardState {
+    /// The running mpirun; `None` once it has exited, so a signal is never sent to a recycled pid.
+    target: Option<rustix::process::Pid>,
+    /// The last signal the launcher received.
+    received: Option<&'static str>,
+    /// The last signal forwarded to the current target.
+    forwarded: Option<&'static str>,
+}
+
+impl SignalForwarder {
+    /// Installs the SIGINT/SIGTERM handlers. Installed before mpirun starts, so a signal arriving in between is
+    /// remembered (and forwarded as soon as mpirun runs) rather than killing the launcher and orphaning the job.
+    pub fn install() -> Result<SignalForwarder> {
+        let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install the SIGINT/SIGTERM handlers")?;
+        let state: Arc<(Mutex<ForwardState>, Condvar)> = Arc::default();
+        let handle = signals.handle();
+        let thread = {
+            let state = Arc::clone(&state);
+            thread::spawn(move || {
+                for signal in signals.forever() {
+                    let (Some(sig), Some(name)) =
+                        (rustix::process::Signal::from_named_raw(signal), signal_hook::low_level::signal_name(signal))
+                    else {
+                        continue;
+                    };
+                    let mut st = lock(&state.0);
+                    st.received = Some(name);
+                    if let Some(pid) = st.target {
+                        // ESRCH is the only possible failure: mpirun is already gone.
+                        let _ = rustix::process::kill_process(pid, sig);
+                        st.forwarded = Some(name);
+                    }
+                    state.1.notify_all();
+                }
+            })
+        };
+        Ok(SignalForwarder { state, handle, thread: Some(thread) })
+    }
+
+    /// The last SIGINT/SIGTERM the launcher received, if any.
+    pub fn received(&self) -> Option<&'static str> {
+        lock(&self.state.0).received
+    }
+
+    /// Sleeps for `duration` or until the launcher receives SIGINT/SIGTERM; returns that signal's name, if one came.
+    pub fn sleep(&self, duration: Duration) -> Option<&'static str> {
+        let deadline = Instant::now() + duration;
+        let mut st = lock(&self.state.0);
+        while st.received.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self.state.1.wait_timeout(st, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
+        }
+        st.received
+    }
+
+    /// Starts forwarding to `pid`; a signal received before mpirun started is forwarded now.
+    fn attach(&self, pid: rustix::process::Pid) {
+        let mut st = lock(&self.state.0);
+        st.target = Some(pid);
+        st.forwarded = None;
+        if let Some(name) = st.received {
+            let number = if name == "SIGINT" { rustix::process::Signal::INT } else { rustix::process::Signal::TERM };
+            let _ = rustix::process::kill_process(pid, number);
+            st.forwarded = Some(name);
+        }
+    }
+
+    /// Stops forwarding (mpirun has exited but is not reaped yet); returns the signal forwarded to it, if any.
+    fn detach(&self) -> Option<&'static str> {
+        let mut st = lock(&self.state.0);
+        st.target = None;
+        st.forwarded.take()
+    }
+}
+
+impl Drop for SignalForwarder {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Job {
@@ -48,6 +156,10 @@ impl Job {
             args.push("--hostfile".into());
             args.push(hostfile.into());
         }
+        for (name, _) in &self.env {
+            args.push("-x".into());
+            args.push(name.into());
+        }
         args.extend(self.mpirun_args.iter().map(OsString::from));
         args.push(self.program.clone().into());
         args.extend(self.program_args.iter().cloned());
@@ -61,64 +173,45 @@ impl Job {
         if as_root {
             cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
         }
+        cmd.envs(self.env.iter().map(|(name, value)| (name, value)));
         cmd
     }
 
-    /// Runs the job to completion: relays every rank's output line by line and forwards SIGINT and SIGTERM to mpirun.
-    pub fn run(&self) -> Result<Outcome> {
+    /// Runs the job to completion: relays every rank's output line by line, forwards SIGINT and SIGTERM to mpirun
+    /// through `signals`, and kills whatever process of the job is still alive once mpirun has exited.
+    pub fn run(&self, signals: &SignalForwarder) -> Result<Outcome> {
         let mpirun = find_in_path("mpirun").context(
             "mpirun not found on PATH: install OpenMPI (`apt-get install openmpi-bin`) or run `scripts/setup`",
         )?;
-        // Registered before mpirun starts, so a signal arriving in between is forwarded rather than killing the
-        // launcher and orphaning the job.
-        let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install the SIGINT/SIGTERM handlers")?;
+        // OpenMPI puts every rank in a process group of its own, so the job's processes cannot be found by group:
+        // as a child subreaper the launcher inherits the ranks that outlive mpirun and can kill and reap them.
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .context("cannot become a child subreaper")?;
         let mut cmd = self.command(&mpirun, rustix::process::geteuid().is_root());
         // Own process group: a terminal's Ctrl-C reaches mpirun once, through the launcher, not twice. No stdin, so
         // the background group never stops on a terminal read.
         cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("cannot start {}", mpirun.display()))?;
 
+        let config_refused = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = mpsc::channel();
         let mut relays = 0;
         if let Some(out) = child.stdout.take() {
-            spawn_relay(out, done_tx.clone());
+            spawn_relay(out, done_tx.clone(), Arc::clone(&config_refused));
             relays += 1;
         }
         if let Some(err) = child.stderr.take() {
-            spawn_relay(err, done_tx.clone());
+            spawn_relay(err, done_tx.clone(), Arc::clone(&config_refused));
             relays += 1;
         }
 
         let pid = rustix::process::Pid::from_child(&child);
-        // `true` once mpirun has exited; checked under the lock before every kill, so that a signal is never sent to
-        // a recycled pid after mpirun has been reaped.
-        let exited = Arc::new(Mutex::new(false));
-        let handle = signals.handle();
-        let forwarder = {
-            let exited = Arc::clone(&exited);
-            thread::spawn(move || {
-                let mut forwarded = None;
-                for signal in signals.forever() {
-                    let (Some(sig), Some(name)) =
-                        (rustix::process::Signal::from_named_raw(signal), signal_hook::low_level::signal_name(signal))
-                    else {
-                        continue;
-                    };
-                    let exited = exited.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    if !*exited {
-                        // ESRCH is the only possible failure: mpirun is already gone.
-                        let _ = rustix::process::kill_process(pid, sig);
-                        forwarded = Some(name);
-                    }
-                }
-                forwarded
-            })
-        };
-
-        let status = wait_for(&mut child, pid, &exited);
-        handle.close();
-        let forwarded_signal = forwarder.join().unwrap_or(None);
-        let status = status?;
+        signals.attach(pid);
+        let exited = wait_exited(pid);
+        let forwarded_signal = signals.detach();
+        exited?;
+        let status = child.wait().context("waiting for mpirun")?;
+        let leftovers_killed = kill_leftovers(child.id());
 
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         for _ in 0..relays {
@@ -127,22 +220,69 @@ impl Job {
                 break;
             }
         }
-        Ok(Outcome { status, forwarded_signal })
+        Ok(Outcome {
+            status,
+            forwarded_signal,
+            config_refused: config_refused.load(Ordering::Relaxed),
+            leftovers_killed,
+        })
     }
 }
 
-/// Waits for mpirun to exit, marks it exited (so no more signals are sent to its pid), then reaps it.
-fn wait_for(child: &mut Child, pid: rustix::process::Pid, exited: &Mutex<bool>) -> Result<ExitStatus> {
+/// Waits until mpirun has exited, without reaping it (its pid stays reserved until the caller reaps it).
+fn wait_exited(pid: rustix::process::Pid) -> Result<()> {
     use rustix::process::{waitid, WaitId, WaitIdOptions};
     loop {
         match waitid(WaitId::Pid(pid), WaitIdOptions::EXITED | WaitIdOptions::NOWAIT) {
-            Ok(_) => break,
+            Ok(_) => return Ok(()),
             Err(rustix::io::Errno::INTR) => continue,
             Err(err) => return Err(err).context("waiting for mpirun"),
         }
     }
-    *exited.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
-    child.wait().context("waiting for mpirun")
+}
+
+/// Kills (SIGKILL) and reaps every child of the launcher other than `mpirun_pid`: as a subreaper, those are the
+/// job's processes that outlived mpirun (exited ones are only reaped). Returns how many were alive.
+fn kill_leftovers(mpirun_pid: u32) -> usize {
+    let own = rustix::process::getpid().as_raw_nonzero().get();
+    let mut killed = 0;
+    // Orphans are re-parented as their parents exit: look until a pass finds none.
+    for _ in 0..50 {
+        let children = children_of(own, mpirun_pid);
+        if children.is_empty() {
+            break;
+        }
+        for (pid, zombie) in children {
+            let Some(pid) = rustix::process::Pid::from_raw(pid) else { continue };
+            // A child cannot be recycled before it is reaped, so this reaches exactly that process.
+            if !zombie {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                killed += 1;
+            }
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+        }
+    }
+    if killed > 0 {
+        eprintln!("launcher: killed {killed} process(es) of the job that outlived mpirun");
+    }
+    killed
+}
+
+/// `(pid, is a zombie)` of the processes whose parent is `parent` (from /proc), except `except`.
+fn children_of(parent: i32, except: u32) -> Vec<(i32, bool)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
+            let mut fields = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
+            let zombie = fields.next()? == "Z";
+            let ppid: i32 = fields.next()?.parse().ok()?;
+            (ppid == parent && pid as u32 != except).then_some((pid, zombie))
+        })
+        .collect()
 }
 
 /// The launcher's exit code for mpirun's status: its exit code, or 128 + signal if it was killed.
@@ -185,15 +325,28 @@ fn find_in_path(name: impl AsRef<std::ffi::OsStr>) -> Option<PathBuf> {
 }
 
 /// Relays one of mpirun's output pipes on a thread; sends on `done` at end of file.
-fn spawn_relay(pipe: impl Read + Send + 'static, done: mpsc::Sender<()>) {
+fn spawn_relay(pipe: impl Read + Send + 'static, done: mpsc::Sender<()>, config_refused: Arc<AtomicBool>) {
     thread::spawn(move || {
-        relay(BufReader::new(pipe));
+        relay(BufReader::new(pipe), &config_refused);
         let _ = done.send(());
     });
 }
 
-/// Re-prints each line read from mpirun with its rank prefix, on the launcher's stdout or stderr.
-fn relay(mut input: impl BufRead) {
+/// The trainer's messages for a configuration it refuses before training (`Config::load`): a job that printed one
+/// fails again however often it is restarted.
+const CONFIG_ERRORS: [&[u8]; 2] = [b"error: invalid config ", b"error: cannot read config file "];
+
+/// Whether a relayed piece (`[rank R] text\n`) is the trainer refusing its configuration.
+fn is_config_error(piece: &[u8]) -> bool {
+    let Some(rest) = piece.strip_prefix(b"[rank ") else { return false };
+    let Some(end) = rest.iter().position(|&b| b == b']') else { return false };
+    let text = rest[end + 1..].strip_prefix(b" ").unwrap_or(&rest[end + 1..]);
+    CONFIG_ERRORS.iter().any(|prefix| text.starts_with(prefix))
+}
+
+/// Re-prints each line read from mpirun with its rank prefix, on the launcher's stdout or stderr; sets
+/// `config_refused` when a rank reports that the trainer refused its configuration.
+fn relay(mut input: impl BufRead, config_refused: &AtomicBool) {
     let mut line = Vec::new();
     // After a write error (e.g. the reader of our stdout went away) keep draining mpirun's pipe, so it never blocks.
     let (mut stdout_ok, mut stderr_ok) = (true, true);
@@ -205,6 +358,9 @@ fn relay(mut input: impl BufRead) {
         }
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         for (stream, out) in format_line(text) {
+            if is_config_error(&out) {
+                config_refused.store(true, Ordering::Relaxed);
+            }
             match stream {
                 Stream::Stdout if stdout_ok => stdout_ok = std::io::stdout().lock().write_all(&out).is_ok(),
                 Stream::Stderr if stderr_ok => stderr_ok = std::io::stderr().lock().write_all(&out).is_ok(),
@@ -310,6 +466,7 @@ mod tests {
             program_args: vec!["--config".into(), "a.toml".into()],
             hostfile: Some("hosts".into()),
             mpirun_args: vec!["--mca".into(), "btl".into(), "self,tcp".into()],
+            env: vec![("TRAINER_RESTARTS".into(), "2".into())],
         };
         let args: Vec<_> = job.args().into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(
@@ -323,6 +480,8 @@ mod tests {
                 "--tag-output",
                 "--hostfile",
                 "hosts",
+                "-x",
+                "TRAINER_RESTARTS",
                 "--mca",
                 "btl",
                 "self,tcp",
@@ -332,8 +491,17 @@ mod tests {
             ]
         );
         let root: Vec<_> = job.command(Path::new("mpirun"), true).get_envs().map(|(k, _)| k.to_owned()).collect();
-        assert_eq!(root, ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"]);
-        assert_eq!(job.command(Path::new("mpirun"), false).get_envs().count(), 0);
+        assert_eq!(root, ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "TRAINER_RESTARTS"]);
+        assert_eq!(job.command(Path::new("mpirun"), false).get_envs().count(), 1);
+    }
+
+    #[test]
+    fn config_errors_are_recognised_only_as_a_ranks_own_error_line() {
+        assert!(is_config_error(b"[rank 1] error: invalid config a.toml: model.n_heads = 7 must divide\n"));
+        assert!(is_config_error(b"[rank 0] error: cannot read config file /x.toml: No such file\n"));
+        assert!(!is_config_error(b"[rank 0] error: collective all_reduce timed out\n"));
+        assert!(!is_config_error(b"[rank 0] INFO step 3 error: invalid config\n"));
+        assert!(!is_config_error(b"error: invalid config a.toml\n"));
     }
 
     #[test]

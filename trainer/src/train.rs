@@ -76,7 +76,10 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let timeout = Duration::from_secs_f64(config.parallel.collective_timeout_s);
     let comm = Arc::new(Comm::init(config.parallel.tensor as usize, timeout)?);
     let topology = comm.topology;
-    config.validate_layout(topology.world as i64)?;
+    // "invalid config" marks errors a restart cannot fix (the launcher does not retry them).
+    config
+        .validate_layout(topology.world as i64)
+        .with_context(|| format!("invalid config for {} ranks", topology.world))?;
     if config.train.threads > 0 {
         tch::set_num_threads(config.train.threads as i32);
     }
@@ -85,7 +88,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let device = device_of(config, topology.local_rank)?;
     let mut engine = build_engine(config, comm.clone())?;
     let (mut optimizer, first_step, cursor) = starting_state(config, &mut engine, &metrics)?;
-    let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device, cursor)?;
+    let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device, cursor)
+        .with_context(|| format!("invalid config data.path = {}", config.data.path.display()))?;
     let mut log = if leader { Some(StepLog::open(config, first_step)?) } else { None };
     let c = &config.checkpoint;
     let mut checkpointer =

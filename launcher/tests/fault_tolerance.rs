@@ -1,0 +1,191 @@
+//! The real trainer under `launcher run --max-restarts`: a SIGKILLed rank and a hung rank are recovered from by a restart that resumes bit for bit; a bad configuration is not restarted.
+mod common;
+
+use common::{launcher, processes_with, rank_pid, signal, trainer, wait_until, Running};
+use data_shards::{DatasetWriter, Dtype, ManifestMeta, Split};
+use rustix::process::Signal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const STEPS: usize = 24;
+
+/// Random documents of random tokens (as in the trainer's tests).
+fn random_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut writer = DatasetWriter::new(dir, Dtype::U16, 1 << 20);
+    let mut state = 12345u64;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    for doc in 0..120 {
+        let len = 20 + next() % 60;
+        let tokens: Vec<u32> = (0..len).map(|_| 1 + next() % 511).chain([0]).collect();
+        let split = if doc % 10 == 0 { Split::Valid } else { Split::Train };
+        writer.push_document(split, &tokens).unwrap();
+    }
+    let meta = ManifestMeta { tokenizer: None, vocab_size: 512, eos_token: None, eos_id: Some(0), valid_fraction: 0.1 };
+    writer.finish(meta).unwrap();
+}
+
+/// A small model in f32 on one thread per rank (bitwise repeatable), saving every 2 steps; returns the config path.
+fn write_config(work: &Path, name: &str) -> PathBuf {
+    let run = work.join(name);
+    let text = format!(
+        r#"
+[model]
+dim = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_dim = 96
+vocab_size = 512
+max_seq_len = 32
+
+[train]
+steps = {STEPS}
+seq_len = 16
+global_batch = 8
+micro_batch = 2
+seed = 5
+dtype = "float32"
+threads = 1
+log_every = 1
+eval_every = 8
+eval_sequences = 4
+run_dir = "{run}"
+export_dir = "{run}/final"
+
+[optim]
+lr = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+weight_decay = 0.1
+grad_clip = 0.5
+
+[checkpoint]
+every = 2
+
+[data]
+path = "{data}"
+"#,
+        run = run.display(),
+        data = work.join("data").display()
+    );
+    let path = work.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `launcher run --nproc 2 <flags> -- train --config <config> <extra>`.
+fn start(config: &Path, flags: &[&str], extra: &[&str]) -> Running {
+    let mut command = launcher();
+    command.args(["run", "--nproc", "2", "--program"]).arg(trainer()).args(flags);
+    command.args(["--", "train", "--config"]).arg(config).args(extra);
+    Running::start(&mut command)
+}
+
+/// What must be identical between two runs: every step's loss, learning rate, gradient norm and validation loss, and
+/// the exported final weights (compared as bytes).
+fn result(run: &Path) -> (Vec<String>, Vec<u8>) {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let records = text
+        .lines()
+        .map(|line| {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            let bits = |key: &str| r[key].as_f64().map(|v| format!("{:016x}", v.to_bits())).unwrap_or_default();
+            format!(
+                "step {} loss {} lr {} grad_norm {} val {}",
+                r["step"],
+                bits("loss"),
+                bits("lr"),
+                bits("grad_norm"),
+                bits("val_loss")
+            )
+        })
+        .collect();
+    (records, std::fs::read(run.join("final/model.safetensors")).unwrap())
+}
+
+fn assert_same(reference: &(Vec<String>, Vec<u8>), other: &(Vec<String>, Vec<u8>)) {
+    assert_eq!(other.0.len(), STEPS, "one record per step: {:#?}", other.0);
+    assert_eq!(reference.0, other.0, "per-step records differ");
+    assert!(reference.1 == other.1, "the final weights differ");
+}
+
+/// Steps logged so far by the run in `run`.
+fn logged_steps(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map(|m| m.lines().count()).unwrap_or(0)
+}
+
+/// A step in 3..=10 that differs from run to run.
+fn random_step() -> usize {
+    3 + (SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos() as usize / 1000) % 8
+}
+
+fn uninterrupted(work: &Path) -> (Vec<String>, Vec<u8>) {
+    let config = write_config(work, "straight");
+    let (status, stderr) = start(&config, &[], &[]).finish(Duration::from_secs(300));
+    assert!(status.success(), "{stderr}");
+    result(&work.join("straight"))
+}
+
+#[test]
+fn a_killed_rank_and_a_hung_rank_are_restarted_and_the_run_equals_an_uninterrupted_one() {
+    let work = tempfile::tempdir().unwrap();
+    random_dataset(&work.path().join("data"));
+    let reference = uninterrupted(work.path());
+
+    // SIGKILL of rank 1 at a random step.
+    let config = write_config(work.path(), "killed");
+    let needle = config.to_str().unwrap().to_string();
+    let running = start(&config, &["--max-restarts", "3", "--restart-backoff", "0.2"], &[]);
+    let at = random_step();
+    assert!(wait_until(Duration::from_secs(120), || logged_steps(&work.path().join("killed")) >= at), "no progress");
+    signal(rank_pid(1, &needle).expect("rank 1 is running"), Signal::KILL);
+    let (status, stderr) = running.finish(Duration::from_secs(300));
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("restart 1 of 3"), "{stderr}");
+    assert!(stderr.contains("job finished after 2 run(s): 1 restart(s), 1 after failures"), "{stderr}");
+    assert!(stderr.contains("resumed from"), "the restarted run resumes from a checkpoint:\n{stderr}");
+    assert_same(&reference, &result(&work.path().join("killed")));
+    assert!(wait_until(Duration::from_secs(2), || processes_with(&needle).is_empty()), "trainer processes left");
+
+    // SIGSTOP of rank 1: rank 0 times out in its next collective, the job fails and is restarted.
+    let config = write_config(work.path(), "hung");
+    let needle = config.to_str().unwrap().to_string();
+    let running = start(
+        &config,
+        &["--max-restarts", "3", "--restart-backoff", "0.2"],
+        &["--set", "parallel.collective_timeout_s=3"],
+    );
+    let at = random_step();
+    assert!(wait_until(Duration::from_secs(120), || logged_steps(&work.path().join("hung")) >= at), "no progress");
+    let stopped = rank_pid(1, &needle).expect("rank 1 is running");
+    signal(stopped, Signal::STOP);
+    let outcome = running.finish(Duration::from_secs(300));
+    // Cleanup first, whatever happened: the stopped rank must not survive the test.
+    if processes_with(&needle).contains(&stopped) {
+        signal(stopped, Signal::CONT);
+        signal(stopped, Signal::KILL);
+    }
+    let (status, stderr) = outcome;
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("timed out after"), "{stderr}");
+    assert!(stderr.contains("job finished after 2 run(s): 1 restart(s), 1 after failures"), "{stderr}");
+    assert_same(&reference, &result(&work.path().join("hung")));
+    assert!(wait_until(Duration::from_secs(2), || processes_with(&needle).is_empty()), "trainer processes left");
+}
+
+#[test]
+fn an_invalid_configuration_stops_at_once_without_restarts() {
+    let work = tempfile::tempdir().unwrap();
+    random_dataset(&work.path().join("data"));
+    let config = write_config(work.path(), "bad");
+    let running = start(&config, &["--max-restarts", "3", "--restart-backoff", "30"], &["--set", "model.n_heads=7"]);
+    let (status, stderr) = running.finish(Duration::from_secs(25));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("model.n_heads = 7"), "{stderr}");
+    assert!(stderr.contains("not restarting: the trainer refused its configuration"), "{stderr}");
+    assert!(!stderr.contains("restart 1 of"), "{stderr}");
+}
