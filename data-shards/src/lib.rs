@@ -16,4 +16,4 @@ pub use format::{Dtype, Manifest, ShardInfo, Split, SplitInfo};
 pub use prepare::{prepare, DtypeChoice, PrepareOptions, PrepareReport};
 pub use sampler::{DataCursor, RankLoader, WindowSampler};
 pub use tokenize::{load_tokenizer, train_tokenizer, TrainOptions};
-pub use writer::{DatasetWriter, ManifestMeta, ShardWriter};
+pub use writer::{write_random_dataset, DatasetWriter, ManifestMeta, ShardWriter};

@@ -205,3 +205,23 @@ impl DatasetWriter {
         Ok(manifest)
     }
 }
+
+/// Writes a dataset of `documents` documents of random tokens (20 to 79 tokens in
+/// `1..vocab_size`, then EOS = 0; every tenth document in the validation split), the same for
+/// the same seed: for smoke tests and benchmarks that need data but not language.
+pub fn write_random_dataset(dir: &Path, documents: usize, vocab_size: u32, seed: u64) -> Result<Manifest, DataError> {
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let mut writer = DatasetWriter::new(dir, Dtype::for_vocab(u64::from(vocab_size)), 1 << 28);
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    for doc in 0..documents {
+        let len = 20 + next() % 60;
+        let tokens: Vec<u32> = (0..len).map(|_| 1 + next() % (vocab_size - 1)).chain([0]).collect();
+        let split = if doc % 10 == 0 { Split::Valid } else { Split::Train };
+        writer.push_document(split, &tokens)?;
+    }
+    writer.finish(ManifestMeta { tokenizer: None, vocab_size, eos_token: None, eos_id: Some(0), valid_fraction: 0.1 })
+}

@@ -2,7 +2,6 @@
 mod common;
 
 use common::{launcher, processes_with, rank_pid, signal, trainer, wait_until, Running};
-use data_shards::{DatasetWriter, Dtype, ManifestMeta, Split};
 use rustix::process::Signal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,21 +10,7 @@ const STEPS: usize = 24;
 
 /// Random documents of random tokens (as in the trainer's tests).
 fn random_dataset(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut writer = DatasetWriter::new(dir, Dtype::U16, 1 << 20);
-    let mut state = 12345u64;
-    let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
-    for doc in 0..120 {
-        let len = 20 + next() % 60;
-        let tokens: Vec<u32> = (0..len).map(|_| 1 + next() % 511).chain([0]).collect();
-        let split = if doc % 10 == 0 { Split::Valid } else { Split::Train };
-        writer.push_document(split, &tokens).unwrap();
-    }
-    let meta = ManifestMeta { tokenizer: None, vocab_size: 512, eos_token: None, eos_id: Some(0), valid_fraction: 0.1 };
-    writer.finish(meta).unwrap();
+    data_shards::write_random_dataset(dir, 120, 512, 12345).unwrap();
 }
 
 /// A small model in f32 on one thread per rank (bitwise repeatable), saving every 2 steps; returns the config path.
