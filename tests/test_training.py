@@ -99,3 +99,26 @@ def test_non_finite_gradients_skip_the_update(fortunes_data, tmp_path):
                    "optim.warmup_steps=0", "optim.grad_clip=0", "train.sample_tokens=0")
     assert "update skipped" in result.stderr, result.stderr
     assert len(records(tmp_path)) == 4
+
+
+def test_trains_on_a_megatron_indexed_dataset(tmp_path):
+    """data.format = "megatron": the trainer reads a dataset written by megatron-core's own builder."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path / "corpus_text_document"
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        length = int(rng.integers(50, 400))
+        builder.add_document(torch.tensor(rng.integers(1, 4096, size=length)), [length])
+    builder.finalize(str(prefix) + ".idx")
+    run_dir = tmp_path / "run"
+    train(prefix, run_dir, "data.format=megatron", "train.steps=3", "train.eval_every=0", "train.sample_tokens=0")
+    history = records(run_dir)
+    assert [r["step"] for r in history] == [1, 2, 3]
+    assert history[0]["loss"] > 7.5, "random tokens over a 4096 vocabulary start near ln(4096)"
+    result = train(tmp_path / "missing_prefix", tmp_path / "r2", "data.format=megatron", "train.eval_every=0",
+                   "train.sample_tokens=0", check=False)
+    assert result.returncode == 1 and "invalid config data.path" in result.stderr, result.stderr
