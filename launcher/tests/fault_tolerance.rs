@@ -13,52 +13,25 @@ fn random_dataset(dir: &Path) {
     data_shards::write_random_dataset(dir, 120, 512, 12345).unwrap();
 }
 
-/// A small model in f32 on one thread per rank (bitwise repeatable), saving every 2 steps; returns the config path.
+/// The trainer tests' small model (tests/fixtures/small-random.toml) in f32 on one thread per rank (bitwise
+/// repeatable), for `STEPS` steps, saving every 2 steps; returns the config path.
 fn write_config(work: &Path, name: &str) -> PathBuf {
     let run = work.join(name);
-    let text = format!(
-        r#"
-[model]
-dim = 64
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-ffn_dim = 96
-vocab_size = 512
-max_seq_len = 32
-
-[train]
-steps = {STEPS}
-seq_len = 16
-global_batch = 8
-micro_batch = 2
-seed = 5
-dtype = "float32"
-threads = 1
-log_every = 1
-eval_every = 8
-eval_sequences = 4
-run_dir = "{run}"
-export_dir = "{run}/final"
-
-[optim]
-lr = 1e-2
-min_lr = 1e-3
-warmup_steps = 2
-weight_decay = 0.1
-grad_clip = 0.5
-
-[checkpoint]
-every = 2
-
-[data]
-path = "{data}"
-"#,
-        run = run.display(),
-        data = work.join("data").display()
-    );
+    let mut config: toml::Table = include_str!("../../tests/fixtures/small-random.toml").parse().unwrap();
+    let mut set = |section: &str, key: &str, value: toml::Value| {
+        let table = config.entry(section).or_insert_with(|| toml::Table::new().into());
+        table.as_table_mut().unwrap().insert(key.into(), value);
+    };
+    set("train", "steps", (STEPS as i64).into());
+    set("train", "dtype", "float32".into());
+    set("train", "log_every", 1.into());
+    set("train", "eval_every", 8.into());
+    set("train", "run_dir", run.display().to_string().into());
+    set("train", "export_dir", format!("{}/final", run.display()).into());
+    set("checkpoint", "every", 2.into());
+    set("data", "path", work.join("data").display().to_string().into());
     let path = work.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     path
 }
 

@@ -4,49 +4,22 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use tch::Tensor;
+use trainer::config::Config;
 
 pub const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
 pub const STEPS: usize = 5;
 
-/// A small grouped-query model, in f64, on random tokens.
+/// The multi-rank tests' model (tests/fixtures/small-random.toml), resolved with this run's paths.
 pub fn config(data: &Path, run_dir: &Path, micro_batch: i64) -> String {
-    format!(
-        r#"
-[model]
-dim = 64
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-ffn_dim = 96
-vocab_size = 512
-max_seq_len = 32
-
-[train]
-steps = {STEPS}
-seq_len = 16
-global_batch = 8
-micro_batch = {micro_batch}
-seed = 5
-dtype = "float64"
-threads = 1
-eval_every = 5
-eval_sequences = 4
-run_dir = "{run}"
-export_dir = "{run}/final"
-
-[optim]
-lr = 1e-2
-min_lr = 1e-3
-warmup_steps = 2
-weight_decay = 0.1
-grad_clip = 0.5
-
-[data]
-path = "{data}"
-"#,
-        run = run_dir.display(),
-        data = data.display()
-    )
+    let overrides = [
+        format!("data.path={}", data.display()),
+        format!("train.run_dir={}", run_dir.display()),
+        format!("train.export_dir={}/final", run_dir.display()),
+        format!("train.micro_batch={micro_batch}"),
+    ];
+    let config = Config::parse(include_str!("../../../tests/fixtures/small-random.toml"), &overrides).unwrap();
+    assert_eq!(config.train.steps as usize, STEPS);
+    config.to_toml()
 }
 
 /// Random documents of random tokens, written in the data-shards format.
