@@ -1,11 +1,10 @@
 //! End-to-end tests of `launcher run` with the real `mpirun`, using `/bin/sh` as the ranks' program.
+mod common;
+
+use common::{launcher, wait_until};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-fn launcher() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_launcher"))
-}
 
 /// Runs `launcher run --nproc <nproc> --program /bin/sh -- -c <script>`.
 fn run_sh(nproc: u32, script: &str) -> Output {
@@ -54,17 +53,6 @@ fn missing_program_is_a_clear_error() {
 fn pgrep(pattern: &str) -> Vec<String> {
     let out = Command::new("pgrep").args(["-f", pattern]).output().expect("run pgrep");
     String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
-}
-
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        sleep(Duration::from_millis(50));
-    }
-    done()
 }
 
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
