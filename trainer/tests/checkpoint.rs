@@ -1,7 +1,7 @@
 //! Checkpoints: bitwise resume, loading under other layouts, Hugging Face export and import, a rank killed mid-save, clear errors for damaged checkpoints.
 mod common;
 
-use common::{config, mpirun, random_dataset, rank_pid, relative_diff, signal, train, TRAINER};
+use common::{random_dataset, rank_pid, relative_diff, signal, train, train_command, TRAINER};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -163,15 +163,10 @@ fn a_rank_killed_mid_save_leaves_the_previous_checkpoint_latest() {
     let work = tempfile::tempdir().unwrap();
     random_dataset(&work.path().join("data"));
     let run_dir = work.path().join("run");
-    let config_path = work.path().join("run.toml");
-    std::fs::write(&config_path, config(&work.path().join("data"), &run_dir, 2)).unwrap();
     // A model large enough that writing a checkpoint takes a while (~60 MB per save).
     let sizes = ["model.dim=256", "model.n_heads=8", "model.n_kv_heads=8", "model.ffn_dim=688", "model.n_layers=4"];
-    let mut command = mpirun(2);
-    command.arg(TRAINER).args(["train", "--config"]).arg(&config_path);
-    for item in sizes.iter().chain(&["train.steps=100000", "checkpoint.every=2", "checkpoint.async_save=false"]) {
-        command.args(["--set", item]);
-    }
+    let saving = ["train.steps=100000", "checkpoint.every=2", "checkpoint.async_save=false"];
+    let (mut command, config_path) = train_command(work.path(), "run", 2, 2, &[&sizes[..], &saving[..]].concat());
     let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let root = run_dir.join("checkpoints");
     let started = Instant::now();
@@ -194,13 +189,8 @@ fn a_rank_killed_mid_save_leaves_the_previous_checkpoint_latest() {
 
     // Resuming (on another layout) loads the previous checkpoint and cleans the partial one up.
     let resume_to = format!("train.steps={}", latest_step + 2);
-    let output = Command::new(TRAINER)
-        .args(["train", "--config"])
-        .arg(&config_path)
-        .args(sizes.iter().flat_map(|s| ["--set", s]))
-        .args(["--set", &resume_to, "--set", "checkpoint.async_save=false"])
-        .output()
-        .unwrap();
+    let resume: Vec<&str> = sizes.iter().copied().chain([resume_to.as_str(), "checkpoint.async_save=false"]).collect();
+    let output = train_command(work.path(), "run", 1, 2, &resume).0.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains(&format!("(step {latest_step}, saved by 2 ranks")), "{stderr}");
@@ -274,14 +264,9 @@ fn damaged_checkpoints_are_refused_with_the_file_named() {
             std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
         }
         damage(&copy);
-        let config_path = work.path().join("damaged.toml");
-        std::fs::write(&config_path, config(&work.path().join("data"), &work.path().join(format!("r{i}")), 4)).unwrap();
         let load = format!("checkpoint.load={}", copy.display());
-        let mut command = Command::new(TRAINER);
-        command.args(["train", "--config"]).arg(&config_path).args(["--set", &load]);
-        for item in extra {
-            command.args(["--set", item]);
-        }
+        let overrides: Vec<&str> = [load.as_str()].into_iter().chain(extra).collect();
+        let (mut command, _) = train_command(work.path(), &format!("r{i}"), 1, 4, &overrides);
         let output = command.output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{what}: {stderr}");
@@ -298,13 +283,7 @@ fn a_preemption_signal_saves_exits_for_requeue_and_the_requeued_run_matches() {
     let straight = train(work.path(), "straight", 2, &settings);
 
     let run_dir = work.path().join("preempted");
-    let config_path = work.path().join("preempted.toml");
-    std::fs::write(&config_path, config(&work.path().join("data"), &run_dir, 2)).unwrap();
-    let mut command = mpirun(2);
-    command.arg(TRAINER).args(["train", "--config"]).arg(&config_path);
-    for item in &settings {
-        command.args(["--set", item]);
-    }
+    let (mut command, config_path) = train_command(work.path(), "preempted", 2, 2, &settings);
     let child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let metrics = run_dir.join("metrics.jsonl");
     let started = Instant::now();

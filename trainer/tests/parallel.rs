@@ -1,9 +1,7 @@
 //! Parallel runs under real `mpirun` equal the single-rank run (f64: TP, DP, TP x DP, ZeRO and recomputation on and off), bad layouts fail early, and a hung rank makes the others fail in time.
 mod common;
 
-use common::{
-    config, mpirun, random_dataset, rank_pid, relative_diff, signal, train, trainer_command, Run, STEPS, TRAINER,
-};
+use common::{random_dataset, rank_pid, relative_diff, signal, train, train_command, Run, STEPS};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 use tch::Kind;
@@ -52,14 +50,7 @@ fn parallel_layouts_equal_the_single_rank_run() {
 fn failing_run(ranks: usize, overrides: &[&str]) -> Output {
     let work = tempfile::tempdir().unwrap();
     random_dataset(&work.path().join("data"));
-    let config_path = work.path().join("run.toml");
-    std::fs::write(&config_path, config(&work.path().join("data"), &work.path().join("run"), 1)).unwrap();
-    let mut command = trainer_command(ranks);
-    command.args(["train", "--config"]).arg(&config_path);
-    for item in overrides {
-        command.args(["--set", item]);
-    }
-    command.output().unwrap()
+    train_command(work.path(), "run", ranks, 1, overrides).0.output().unwrap()
 }
 
 #[test]
@@ -84,24 +75,9 @@ fn a_hung_rank_makes_the_others_fail_within_the_timeout() {
     let work = tempfile::tempdir().unwrap();
     random_dataset(&work.path().join("data"));
     let run_dir = work.path().join("hang");
-    let config_path = work.path().join("hang.toml");
-    std::fs::write(&config_path, config(&work.path().join("data"), &run_dir, 2)).unwrap();
-    let child = mpirun(2)
-        .arg(TRAINER)
-        .args(["train", "--config"])
-        .arg(&config_path)
-        .args([
-            "--set",
-            "train.steps=100000",
-            "--set",
-            "parallel.collective_timeout_s=3",
-            "--set",
-            "train.eval_every=0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let settings = ["train.steps=100000", "parallel.collective_timeout_s=3", "train.eval_every=0"];
+    let (mut command, config_path) = train_command(work.path(), "hang", 2, 2, &settings);
+    let child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let marker = config_path.to_str().unwrap();
     let metrics = run_dir.join("metrics.jsonl");
     let started = Instant::now();

@@ -1,7 +1,7 @@
 //! Shared by the multi-rank tests: a small model config, a random-token dataset, and running the trainer under real `mpirun`.
 #![allow(dead_code)]
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::Tensor;
 use trainer::config::Config;
@@ -46,6 +46,26 @@ pub fn trainer_command(ranks: usize) -> Command {
     command
 }
 
+/// `trainer train` (under mpirun when `ranks > 1`) of the fixture model with run directory
+/// `work/name`, data in `work/data`, `micro_batch` and `--set` overrides; returns the command and
+/// the config path (unique to the job, so it also finds the job's processes).
+pub fn train_command<S: AsRef<str>>(
+    work: &Path,
+    name: &str,
+    ranks: usize,
+    micro_batch: i64,
+    overrides: &[S],
+) -> (Command, PathBuf) {
+    let config_path = work.join(format!("{name}.toml"));
+    std::fs::write(&config_path, config(&work.join("data"), &work.join(name), micro_batch)).unwrap();
+    let mut command = trainer_command(ranks);
+    command.args(["train", "--config"]).arg(&config_path);
+    for item in overrides {
+        command.args(["--set", item.as_ref()]);
+    }
+    (command, config_path)
+}
+
 pub struct Run {
     pub losses: Vec<f64>,
     pub val_losses: Vec<f64>,
@@ -56,14 +76,7 @@ pub fn train(work: &Path, name: &str, ranks: usize, overrides: &[String]) -> Run
     let run_dir = work.join(name);
     let tp: usize = overrides.iter().find_map(|o| o.strip_prefix("parallel.tensor=")?.parse().ok()).unwrap_or(1);
     let dp = ranks / tp;
-    let config_path = work.join(format!("{name}.toml"));
-    std::fs::write(&config_path, config(&work.join("data"), &run_dir, 8 / (2 * dp as i64))).unwrap();
-    let mut command = trainer_command(ranks);
-    command.args(["train", "--config"]).arg(&config_path);
-    for item in overrides {
-        command.args(["--set", item]);
-    }
-    let output = command.output().unwrap();
+    let output = train_command(work, name, ranks, 8 / (2 * dp as i64), overrides).0.output().unwrap();
     assert!(output.status.success(), "{name} failed:\n{}", String::from_utf8_lossy(&output.stderr));
     let lines = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     let records: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
