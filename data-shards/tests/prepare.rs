@@ -78,26 +78,10 @@ fn prepare_is_deterministic_across_runs_and_thread_counts() {
     prepare_dir(&corpus, &tok, &b, 0.1);
     assert_eq!(dir_contents(&a), dir_contents(&b));
 
-    let corpus_s = corpus.to_str().unwrap();
-    let tok_s = tok.to_str().unwrap();
     let mut outs = Vec::new();
     for threads in ["1", "2", "3"] {
         let out = tmp.path().join(format!("t{threads}"));
-        let args = [
-            "prepare",
-            "--input",
-            corpus_s,
-            "--doc-separator",
-            "%",
-            "--tokenizer",
-            tok_s,
-            "--output",
-            out.to_str().unwrap(),
-            "--valid-fraction",
-            "0.1",
-            "--shard-tokens",
-            "2000",
-        ];
+        let args = prepare_args(&corpus, &tok, &out, &["--valid-fraction", "0.1", "--shard-tokens", "2000"]);
         assert_ok(&run(&args, &[("RAYON_NUM_THREADS", threads)]));
         outs.push(dir_contents(&out));
     }
@@ -119,20 +103,10 @@ fn refuses_to_overwrite_unless_forced() {
     let out = tmp.path().join("ds");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "old").unwrap();
-    let base = [
-        "prepare",
-        "--input",
-        corpus.to_str().unwrap(),
-        "--doc-separator",
-        "%",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ];
+    let base = prepare_args(&corpus, &tok, &out, &[]);
     assert_fails_with(&run(&base, &[]), &[out.to_str().unwrap(), "already exists", "--force"]);
     assert!(out.join("keep.txt").exists());
-    let mut forced = base.to_vec();
+    let mut forced = base.clone();
     forced.push("--force");
     assert_ok(&run(&forced, &[]));
     assert!(!out.join("keep.txt").exists());
@@ -150,22 +124,7 @@ fn failed_prepare_leaves_nothing_that_looks_complete() {
     // A bad file sorted after the good ones: the failure happens mid-way through.
     std::fs::write(corpus.join("z.txt"), b"fine\n%\nbad \xff byte\n").unwrap();
     let out = tmp.path().join("ds");
-    let r = run(
-        &[
-            "prepare",
-            "--input",
-            corpus.to_str().unwrap(),
-            "--doc-separator",
-            "%",
-            "--tokenizer",
-            tok.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--shard-tokens",
-            "100",
-        ],
-        &[],
-    );
+    let r = run(&prepare_args(&corpus, &tok, &out, &["--shard-tokens", "100"]), &[]);
     assert_fails_with(&r, &["z.txt", "not valid UTF-8 at byte 11 (line 3)"]);
     assert!(!out.exists());
     let mut left: Vec<String> =

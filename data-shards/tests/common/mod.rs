@@ -142,6 +142,15 @@ pub fn prepare_dir(corpus: &Path, tokenizer: &Path, out: &Path, valid: f64) -> P
     prepare(&o).unwrap()
 }
 
+/// `data-shards prepare` of a `%`-separated corpus, followed by `extra` options.
+pub fn prepare_args<'a>(corpus: &'a Path, tokenizer: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let [corpus, tokenizer, out] = [corpus, tokenizer, out].map(|p| p.to_str().unwrap());
+    let mut args =
+        vec!["prepare", "--input", corpus, "--doc-separator", "%", "--tokenizer", tokenizer, "--output", out];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Runs the CLI with `args` and extra environment variables.
 pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(BIN);
