@@ -1,6 +1,7 @@
 //! Gives the trainer binary an rpath to the venv's libtorch (so it runs without
-//! LD_LIBRARY_PATH) and keeps libtorch_cuda linked so CUDA is visible on GPU machines.
-use std::path::PathBuf;
+//! LD_LIBRARY_PATH), keeps libtorch_cuda linked so CUDA is visible on GPU machines, and puts
+//! the `libnccl.so` name that cudarc loads on the rpath (the torch wheel ships only `libnccl.so.2`).
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
@@ -15,4 +16,17 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    let nccl = lib.join("../../nvidia/nccl/lib/libnccl.so.2");
+    if let Ok(nccl) = nccl.canonicalize() {
+        let links = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("nccl");
+        link_nccl(&links, &nccl);
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", links.display());
+    }
+}
+
+fn link_nccl(links: &Path, nccl: &Path) {
+    std::fs::create_dir_all(links).expect("cannot create the NCCL link folder");
+    let link = links.join("libnccl.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(nccl, &link).expect("cannot link libnccl.so");
 }

@@ -129,6 +129,10 @@ pub struct ParallelConfig {
     /// ZeRO-1: shard optimizer state and master weights over the data-parallel ranks.
     #[serde(default = "yes")]
     pub zero: bool,
+    /// Start each segment's data-parallel gradient reduction as soon as its backward is done,
+    /// overlapping the rest of the backward pass (off: reduce everything after the backward).
+    #[serde(default = "yes")]
+    pub overlap_grad_reduce: bool,
     /// A collective that has not completed after this many seconds fails the rank.
     #[serde(default = "default_collective_timeout")]
     pub collective_timeout_s: f64,
@@ -146,7 +150,7 @@ fn default_collective_timeout() -> f64 {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { tensor: 1, zero: true, collective_timeout_s: default_collective_timeout() }
+        Self { tensor: 1, zero: true, overlap_grad_reduce: true, collective_timeout_s: default_collective_timeout() }
     }
 }
 

@@ -1,4 +1,4 @@
-//! The `trainer` command line: train, count parameters, draw a run's report.
+//! The `trainer` command line: train, count parameters, export, draw a run's report, check the machine's libraries.
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{IsTerminal, Write};
@@ -55,6 +55,14 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Print what this build finds on this machine: CUDA devices, the MPI library, NCCL.
+    Env,
+    /// Run every collective through NCCL on one GPU (a one-rank communicator) and check the results.
+    CheckNccl {
+        /// The CUDA device index.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
     /// Draw RUN_DIR/metrics.jsonl as a PNG: training and validation loss, tokens/s, learning rate.
     Report {
         /// The run directory (`train.run_dir`).
@@ -104,6 +112,21 @@ fn run(command: Command) -> Result<Outcome> {
             println!("{}", group_thousands(config.model.num_params()));
         }
         Command::ExportHf { checkpoint, output } => trainer::checkpoint::export_hf(&checkpoint, &output)?,
+        Command::Env => {
+            println!("libtorch threads: {}", tch::get_num_threads());
+            println!("cuda devices: {}", tch::Cuda::device_count());
+            let mpi = mpi::environment::library_version().unwrap_or_else(|_| "unknown".into());
+            println!("mpi: {}", mpi.lines().next().unwrap_or_default().trim());
+            match trainer::comm::nccl_version() {
+                Ok(version) => println!("nccl: {version}"),
+                Err(error) => println!("nccl: unavailable: {error:#}"),
+            }
+        }
+        Command::CheckNccl { device } => {
+            for line in trainer::comm::nccl_self_test(device)? {
+                println!("{line}");
+            }
+        }
         Command::Report { run_dir, output } => {
             let output = output.unwrap_or_else(|| run_dir.join("report.png"));
             trainer::report::write_report(&run_dir, &output)?;

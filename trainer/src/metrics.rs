@@ -99,6 +99,11 @@ pub fn record_wait(waited: Duration) {
     CLOCK.with_borrow_mut(|clock| clock.waited += waited.as_secs_f64());
 }
 
+/// Writes phase times as a JSON object keyed by [`PHASES`] (in `metrics.jsonl`).
+pub fn serialize_phases<S: serde::Serializer>(phases: &PhaseSeconds, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(PHASES.iter().zip(phases))
+}
+
 /// The phase times since [`reset_phases`], resetting them.
 pub fn take_phases() -> PhaseSeconds {
     CLOCK.with_borrow_mut(|clock| std::mem::take(&mut clock.seconds))
@@ -442,15 +447,19 @@ impl Metrics {
         })
     }
 
+    /// Model FLOPs utilization of a step that took `step_seconds`: the model's training FLOPs
+    /// over the peak of every rank (`metrics.peak_flops`, or the device's default).
+    pub fn mfu(&self, step_seconds: f64) -> f64 {
+        self.step_flops / step_seconds.max(f64::MIN_POSITIVE) / self.world_peak_flops
+    }
+
     /// Records a completed step and the time of its phases.
-    pub fn record_step(&self, record: &StepRecord, phases: PhaseSeconds) {
+    pub fn record_step(&self, record: &StepRecord) {
         self.loss.set(record.loss);
         self.learning_rate.set(record.lr);
         self.grad_norm.set(record.grad_norm);
         self.tokens_per_second.set(record.tokens_per_s);
-        if record.step_seconds > 0.0 {
-            self.mfu.set(self.step_flops / record.step_seconds / self.world_peak_flops);
-        }
+        self.mfu.set(record.mfu);
         if let Some(val_loss) = record.val_loss {
             self.validation_loss.set(val_loss);
         }
@@ -458,7 +467,7 @@ impl Metrics {
         self.steps.inc();
         self.tokens.inc_by(self.step_tokens);
         self.step_seconds.observe(record.step_seconds);
-        for (histogram, seconds) in self.phase_seconds.iter().zip(phases) {
+        for (histogram, seconds) in self.phase_seconds.iter().zip(record.phase_seconds) {
             histogram.observe(seconds);
         }
     }
@@ -639,8 +648,18 @@ mod tests {
         Config::parse(TINY, &overrides).unwrap()
     }
 
-    fn record(step: i64, val_loss: Option<f64>) -> StepRecord {
-        StepRecord { step, loss: 4.5, lr: 1e-3, grad_norm: 0.75, tokens_per_s: 2048.0, step_seconds: 0.5, val_loss }
+    fn record(step: i64, val_loss: Option<f64>, phase_seconds: PhaseSeconds) -> StepRecord {
+        StepRecord {
+            step,
+            loss: 4.5,
+            lr: 1e-3,
+            grad_norm: 0.75,
+            tokens_per_s: 2048.0,
+            step_seconds: 0.5,
+            mfu: 0.25,
+            phase_seconds,
+            val_loss,
+        }
     }
 
     fn get(address: SocketAddr, path: &str) -> String {
@@ -688,7 +707,9 @@ mod tests {
     fn exposition_has_every_metric_with_rank_labels() {
         let topology = Topology::new(3, 4, 1, 2);
         let metrics = Metrics::new(&config(&["metrics.run_id=\"r1\""]), &topology).unwrap();
-        metrics.record_step(&record(7, Some(4.25)), [0.1, 0.2, 0.3, 0.05, 0.02]);
+        let mut step = record(7, Some(4.25), [0.1, 0.2, 0.3, 0.05, 0.02]);
+        step.mfu = metrics.mfu(step.step_seconds);
+        metrics.record_step(&step);
         metrics.record_checkpoint_save(1.5, 1000);
         metrics.record_checkpoint_load(0.5, 2000);
         metrics.record_skipped_step();
@@ -741,7 +762,7 @@ mod tests {
         let config = config(&["metrics.enabled=true", &format!("metrics.port={port}")]);
         let comm = Comm::single();
         let metrics = Metrics::start(&config, &comm).unwrap();
-        metrics.record_step(&record(1, None), [0.0; 5]);
+        metrics.record_step(&record(1, None, [0.0; 5]));
         let address = metrics.address().unwrap();
         assert_eq!(address.port(), port);
         let response = get(address, "/metrics");

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
 use crate::hf;
-use crate::metrics::{lap, reset_phases, take_phases, Metrics, Phase};
+use crate::metrics::{lap, reset_phases, take_phases, Metrics, Phase, PhaseSeconds};
 use crate::model::{segment_specs, TpShard};
 use crate::optim::learning_rate;
 use crate::params::FlatParams;
@@ -29,6 +29,11 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub tokens_per_s: f64,
     pub step_seconds: f64,
+    /// Model FLOPs utilization (see [`Metrics::mfu`]).
+    pub mfu: f64,
+    /// Seconds of the step by phase (data wait, forward, backward, communication wait, optimizer).
+    #[serde(serialize_with = "crate::metrics::serialize_phases")]
+    pub phase_seconds: PhaseSeconds,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
 }
@@ -119,7 +124,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
         reset_phases();
         let batch = data.next_batch(t.global_batch);
         lap(Phase::DataWait);
-        let loss = forward_backward_step(&engine, &optimizer, &batch, t.micro_batch, step_tokens)?;
+        let overlap = config.parallel.overlap_grad_reduce;
+        let loss = forward_backward_step(&engine, &optimizer, &batch, t.micro_batch, step_tokens, overlap)?;
         let loss = comm.sum_scalar(GroupKind::Data, loss)?;
         let lr = learning_rate(&config.optim, step, t.steps);
         let grad_norm = optimizer.step(&engine.params, lr, config.optim.grad_clip)?;
@@ -138,8 +144,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
             None
         };
         let tokens_per_s = step_tokens / step_seconds;
-        let record = StepRecord { step: done, loss, lr, grad_norm, tokens_per_s, step_seconds, val_loss };
-        metrics.record_step(&record, take_phases());
+        let phase_seconds = take_phases();
+        let mfu = metrics.mfu(step_seconds);
+        let record =
+            StepRecord { step: done, loss, lr, grad_norm, tokens_per_s, step_seconds, mfu, phase_seconds, val_loss };
+        metrics.record_step(&record);
         if let Some(log) = log.as_mut() {
             log.write(&record, t.log_every, t.steps, last)?;
         }
@@ -269,22 +278,31 @@ impl StepLog {
 
 /// Forward and backward over this rank's micro-batches; on the last one, each segment's
 /// gradients start their data-parallel reduction as soon as they are final, overlapping
-/// the rest of the backward pass. Returns this rank's share of the step's mean loss.
+/// the rest of the backward pass (or, without `overlap`, all of them after it). Returns
+/// this rank's share of the step's mean loss.
 fn forward_backward_step(
     engine: &Engine,
     optimizer: &DistOptimizer,
     batch: &Tensor,
     micro_batch: i64,
     step_tokens: f64,
+    overlap: bool,
 ) -> Result<f64> {
     engine.params.zero_grads();
     let micro_batches = batch.split(micro_batch, 0);
+    let mut finished = Vec::new();
     let mut pending = Vec::new();
     let mut loss = 0.0;
     for (i, micro) in micro_batches.iter().enumerate() {
-        let mut reduce = |segment: usize| pending.extend(optimizer.reduce_segment(&engine.params, segment));
+        let mut reduce = |segment: usize| match overlap {
+            true => pending.extend(optimizer.reduce_segment(&engine.params, segment)),
+            false => finished.push(segment),
+        };
         let last = i + 1 == micro_batches.len();
         loss += engine.forward_backward(micro, step_tokens, last.then_some(&mut reduce as &mut dyn FnMut(usize)))?;
+    }
+    for segment in finished {
+        pending.extend(optimizer.reduce_segment(&engine.params, segment));
     }
     wait_all(pending)?;
     Ok(loss)
@@ -303,12 +321,12 @@ fn validation_loss(engine: &Engine, data: &TrainData, config: &Config) -> Result
 fn log_step(r: &StepRecord, steps: i64) {
     match r.val_loss {
         Some(val) => info!(
-            "step {}/{steps} loss {:.4} val_loss {val:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0}",
-            r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s
+            "step {}/{steps} loss {:.4} val_loss {val:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0} mfu {:.3}",
+            r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s, r.mfu
         ),
         None => info!(
-            "step {}/{steps} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0}",
-            r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s
+            "step {}/{steps} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0} mfu {:.3}",
+            r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s, r.mfu
         ),
     }
 }

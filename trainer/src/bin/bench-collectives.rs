@@ -1,0 +1,102 @@
+//! Benchmark (run under mpirun): bus bandwidth of all-reduce and reduce-scatter through the trainer's collectives against plain blocking MPI on the same buffers.
+//!
+//! Sizes 1 KiB to 256 MiB of f32. Each (operation, size) alternates rounds of the two
+//! methods and keeps each one's best round, so load on a shared machine penalizes neither.
+//! Bus bandwidth follows nccl-tests: all-reduce moves 2(n-1)/n of the buffer per rank,
+//! reduce-scatter (n-1)/n of its input.
+use anyhow::Result;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+use trainer::comm::{raw_mpi, wait_all, Comm, GroupKind, ReduceOp};
+
+const ROUNDS: usize = 5;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Operation {
+    AllReduce,
+    ReduceScatter,
+}
+
+fn main() -> Result<()> {
+    tch::set_num_threads(1);
+    let comm = Comm::init(1, Duration::from_secs(600))?;
+    let ranks = comm.topology.world;
+    anyhow::ensure!(ranks > 1, "run under mpirun with 2 or more ranks");
+    let leader = comm.topology.rank == 0;
+    if leader {
+        println!("{ranks} ranks; bus bandwidth in GB/s (best of {ROUNDS} rounds each)");
+        println!("{:<15} {:>10} {:>12} {:>12} {:>7}", "operation", "bytes", "collectives", "raw MPI", "ratio");
+    }
+    for operation in [Operation::AllReduce, Operation::ReduceScatter] {
+        for power in (10..=28).step_by(2) {
+            let bytes = 1usize << power;
+            let elements = (bytes / 4 / ranks * ranks) as i64;
+            let buffer = Tensor::zeros([elements], (Kind::Float, Device::Cpu));
+            let output = Tensor::zeros([elements / ranks as i64], (Kind::Float, Device::Cpu));
+            let iterations = (((1usize << 30) / bytes).clamp(2, 200)) as u32;
+            let (mut ours, mut raw) = (Duration::MAX, Duration::MAX);
+            for _ in 0..ROUNDS {
+                ours = ours.min(time_collectives(&comm, operation, &buffer, &output, iterations)?);
+                raw = raw.min(time_raw_mpi(&comm, operation, &buffer, &output, iterations)?);
+            }
+            let bus_bytes = (elements * 4) as f64 * (ranks - 1) as f64 / ranks as f64;
+            let bus_bytes = if operation == Operation::AllReduce { 2.0 * bus_bytes } else { bus_bytes };
+            let gbps = |time: Duration| bus_bytes * f64::from(iterations) / time.as_secs_f64() / 1e9;
+            if leader {
+                let name = if operation == Operation::AllReduce { "all_reduce" } else { "reduce_scatter" };
+                let (ours, raw) = (gbps(ours), gbps(raw));
+                println!("{name:<15} {:>10} {ours:>12.3} {raw:>12.3} {:>7.3}", elements * 4, ours / raw);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The slowest rank's time for `iterations` collectives through [`Comm`], each waited for.
+fn time_collectives(
+    comm: &Comm,
+    operation: Operation,
+    buffer: &Tensor,
+    output: &Tensor,
+    iterations: u32,
+) -> Result<Duration> {
+    wait_all([comm.barrier(GroupKind::World)])?;
+    let started = Instant::now();
+    for _ in 0..iterations {
+        let pending = match operation {
+            Operation::AllReduce => comm.all_reduce(GroupKind::World, buffer, ReduceOp::Sum),
+            Operation::ReduceScatter => comm.reduce_scatter(GroupKind::World, buffer, output),
+        };
+        pending.wait()?;
+    }
+    slowest(comm, started.elapsed())
+}
+
+/// The slowest rank's time for `iterations` blocking MPI calls on the same buffers.
+fn time_raw_mpi(
+    comm: &Comm,
+    operation: Operation,
+    buffer: &Tensor,
+    output: &Tensor,
+    iterations: u32,
+) -> Result<Duration> {
+    let (buffer, output) = (buffer.shallow_clone(), output.shallow_clone());
+    let elapsed = comm.with_mpi(GroupKind::World, move |mpi| -> Result<Duration> {
+        mpi::collective::CommunicatorCollectives::barrier(mpi);
+        let started = Instant::now();
+        for _ in 0..iterations {
+            match operation {
+                Operation::AllReduce => raw_mpi::all_reduce_sum(mpi, &buffer)?,
+                Operation::ReduceScatter => raw_mpi::reduce_scatter_sum(mpi, &buffer, &output)?,
+            }
+        }
+        Ok(started.elapsed())
+    })??;
+    slowest(comm, elapsed)
+}
+
+fn slowest(comm: &Comm, elapsed: Duration) -> Result<Duration> {
+    let seconds = Tensor::from(elapsed.as_secs_f64());
+    comm.all_reduce(GroupKind::World, &seconds, ReduceOp::Max).wait()?;
+    Ok(Duration::from_secs_f64(seconds.double_value(&[])))
+}

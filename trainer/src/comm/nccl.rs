@@ -1,0 +1,341 @@
+//! The NCCL backend: collectives on CUDA tensors on their own stream, ordered with libtorch's compute stream by events; libnccl and the CUDA driver are loaded at run time (cudarc), so builds need no CUDA.
+//!
+//! libtorch (through tch) launches every kernel on the device's default stream, the legacy
+//! null stream of the primary context. A collective asked for on the compute thread records
+//! a `ready` event there; the communication thread makes the NCCL stream (non-blocking, so
+//! no implicit synchronization with the null stream) wait for it, launches the collective
+//! and records a `done` event, which the compute stream waits for when the handle is waited
+//! on: neither stream blocks the host, and computation overlaps communication in between.
+use super::{GroupKind, Op, ReduceOp};
+use anyhow::{bail, Context, Result};
+use cudarc::driver::{result as cu, sys as cu_sys};
+use cudarc::nccl::{result as nccl, sys as nccl_sys};
+use std::ffi::CString;
+use std::sync::OnceLock;
+use tch::{Kind, Tensor};
+
+/// A library loaded at run time.
+#[derive(Debug, Clone, Copy)]
+enum Library {
+    Driver,
+    Nccl,
+}
+
+/// Checks once per library that it can be loaded (cudarc panics on a missing one), with an
+/// error that names the file names searched and the fix.
+fn require(library: Library) -> Result<()> {
+    static CHECKED: [OnceLock<std::result::Result<(), String>>; 2] = [OnceLock::new(), OnceLock::new()];
+    let (name, what) = match library {
+        Library::Driver => ("cuda", "the NVIDIA driver's libcuda.so.1 (is this a GPU machine?)"),
+        Library::Nccl => (
+            "nccl",
+            "NCCL: the torch wheel ships nvidia/nccl/lib/libnccl.so.2, and a libnccl.so link to it must be on the \
+             library path (the build puts one on the trainer's rpath; scripts/gpu-check.sh makes one)",
+        ),
+    };
+    let checked = CHECKED[library as usize].get_or_init(|| {
+        let candidates = cudarc::get_lib_name_candidates(name);
+        if candidates.iter().any(|file| loadable(file)) {
+            Ok(())
+        } else {
+            Err(format!("cannot load {what}; searched LD_LIBRARY_PATH and the rpath for {}", candidates.join(", ")))
+        }
+    });
+    checked.clone().map_err(anyhow::Error::msg)
+}
+
+fn loadable(name: &str) -> bool {
+    let Ok(name) = CString::new(name) else { return false };
+    // SAFETY: dlopen receives a valid C string; a handle it returns is closed right away
+    // (the library stays mapped only if something else holds it).
+    unsafe {
+        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return false;
+        }
+        libc::dlclose(handle);
+    }
+    true
+}
+
+/// The NCCL library's version, e.g. "2.28.9".
+pub fn version() -> Result<String> {
+    require(Library::Nccl)?;
+    let code = nccl::get_nccl_version().map_err(|e| nccl_error("ncclGetVersion", e))?;
+    Ok(format!("{}.{}.{}", code / 10000, code / 100 % 100, code % 100))
+}
+
+fn nccl_error(call: &str, error: nccl::NcclError) -> anyhow::Error {
+    // SAFETY: ncclGetErrorString returns a static C string for any result code.
+    let text = unsafe { std::ffi::CStr::from_ptr(nccl_sys::ncclGetErrorString(error.0)) };
+    anyhow::anyhow!("{call} failed: {} ({:?})", text.to_string_lossy(), error.0)
+}
+
+fn cuda_error(call: &str, error: cu::DriverError) -> anyhow::Error {
+    let name = error.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    anyhow::anyhow!("{call} failed: {name} ({:?})", error.0)
+}
+
+/// Makes `device`'s primary context (the one libtorch's runtime uses) current on this thread.
+fn make_current(device: usize) -> Result<()> {
+    require(Library::Driver)?;
+    cu::init().map_err(|e| cuda_error("cuInit", e))?;
+    let handle = cu::device::get(device as i32).map_err(|e| cuda_error("cuDeviceGet", e))?;
+    // SAFETY: `handle` is a valid device; retaining its primary context (kept for the life of
+    // the process, as libtorch keeps it) and making it current touch no memory of ours.
+    unsafe {
+        let context = cu::primary_ctx::retain(handle).map_err(|e| cuda_error("cuDevicePrimaryCtxRetain", e))?;
+        cu::ctx::set_current(context).map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
+        cu::primary_ctx::release(handle).map_err(|e| cuda_error("cuDevicePrimaryCtxRelease", e))?;
+    }
+    Ok(())
+}
+
+/// A CUDA event (without timing) in the primary context of the device it was made on.
+#[derive(Debug)]
+pub(super) struct Event(cu_sys::CUevent);
+
+// SAFETY: CUDA event handles may be recorded, queried and waited on from any thread of the
+// process; the handle is destroyed once, by Drop.
+unsafe impl Send for Event {}
+// SAFETY: as above; every operation on the handle is thread-safe in the CUDA driver.
+unsafe impl Sync for Event {}
+
+impl Event {
+    fn new() -> Result<Event> {
+        cu::event::create(cu_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(Event)
+            .map_err(|e| cuda_error("cuEventCreate", e))
+    }
+
+    fn record(&self, stream: cu_sys::CUstream) -> Result<()> {
+        // SAFETY: the event is alive (owned by self) and the stream is the null stream or a
+        // live stream of the current context.
+        unsafe { cu::event::record(self.0, stream) }.map_err(|e| cuda_error("cuEventRecord", e))
+    }
+
+    /// An event recorded now on `device`'s compute stream.
+    pub(super) fn on_compute_stream(device: usize) -> Result<Event> {
+        make_current(device)?;
+        let event = Event::new()?;
+        event.record(cu::stream::null())?;
+        Ok(event)
+    }
+
+    /// Makes `device`'s compute stream wait (on the GPU, not the host) until this event has happened.
+    pub(super) fn block_compute_stream(&self, device: usize) -> Result<()> {
+        make_current(device)?;
+        // SAFETY: the null stream of the current context and a live event.
+        unsafe { cu::stream::wait_event(cu::stream::null(), self.0, cu_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(|e| cuda_error("cuStreamWaitEvent", e))
+    }
+
+    /// Whether the work recorded before the event has completed.
+    pub(super) fn completed(&self) -> Result<bool> {
+        // SAFETY: a live event.
+        match unsafe { cu::event::query(self.0) } {
+            Ok(()) => Ok(true),
+            Err(cu::DriverError(cu_sys::cudaError_enum::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(error) => Err(cuda_error("cuEventQuery", error)),
+        }
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: the handle is live and dropped once; CUDA releases an event still pending
+        // on a stream when it completes.
+        let _ = unsafe { cu::event::destroy(self.0) };
+    }
+}
+
+/// One NCCL communicator.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NcclComm(nccl_sys::ncclComm_t);
+
+/// The process's NCCL state: one stream for every collective (so they run in the order they
+/// were asked for on every rank) and one communicator per process group.
+#[derive(Debug)]
+pub(super) struct Nccl {
+    device: usize,
+    stream: cu_sys::CUstream,
+    communicators: Vec<(GroupKind, NcclComm)>,
+}
+
+impl Nccl {
+    /// Sets up NCCL on `device` for the calling thread.
+    pub(super) fn new(device: usize) -> Result<Nccl> {
+        require(Library::Nccl)?;
+        make_current(device)?;
+        let stream =
+            cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(|e| cuda_error("cuStreamCreate", e))?;
+        Ok(Nccl { device, stream, communicators: Vec::new() })
+    }
+
+    /// The group's communicator, created on first use (a collective call on every rank of the
+    /// group: rank 0 makes the unique id and `share_id` hands it to the others).
+    pub(super) fn communicator(
+        &mut self,
+        group: GroupKind,
+        rank: usize,
+        size: usize,
+        device: usize,
+        share_id: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<NcclComm> {
+        if device != self.device {
+            bail!("NCCL collectives on cuda:{device}, but this rank's NCCL state is on cuda:{}", self.device);
+        }
+        if let Some((_, comm)) = self.communicators.iter().find(|(g, _)| *g == group) {
+            return Ok(*comm);
+        }
+        let mut id = if rank == 0 {
+            nccl::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e))?
+        } else {
+            nccl_sys::ncclUniqueId { internal: [0; 128] }
+        };
+        // SAFETY: ncclUniqueId is 128 plain bytes; the slice covers exactly them while `id` lives.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(id.internal.as_mut_ptr().cast::<u8>(), 128) };
+        share_id(bytes).context("cannot share the NCCL unique id")?;
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by NCCL on success; the primary context of `device` is
+        // current on this thread (Nccl::new), which is how NCCL picks the device.
+        let comm = unsafe {
+            nccl::comm_init_rank(comm.as_mut_ptr(), size as i32, id, rank as i32)
+                .map_err(|e| nccl_error("ncclCommInitRank", e))?;
+            NcclComm(comm.assume_init())
+        };
+        self.communicators.push((group, comm));
+        Ok(comm)
+    }
+
+    /// Queues `op` on the NCCL stream after `ready` and returns the event that marks its end.
+    /// The tensors must stay alive until that event has completed.
+    pub(super) fn launch(&self, comm: NcclComm, op: &Op, ready: Option<&Event>) -> Result<Event> {
+        if let Some(ready) = ready {
+            // SAFETY: a live stream of this context and a live event.
+            unsafe { cu::stream::wait_event(self.stream, ready.0, cu_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+                .map_err(|e| cuda_error("cuStreamWaitEvent", e))?;
+        }
+        let stream = self.stream as nccl_sys::cudaStream_t;
+        let (comm, ptr) = (comm.0, |t: &Tensor| t.data_ptr());
+        // SAFETY: the pointers are the data of contiguous CUDA tensors on this device, checked
+        // by Op::check for size and dtype; the caller keeps them alive until the returned
+        // event completes. NCCL only enqueues work on `stream` here.
+        let result = unsafe {
+            match op {
+                Op::AllReduce { tensor, op } => nccl::all_reduce(
+                    ptr(tensor),
+                    ptr(tensor),
+                    tensor.numel(),
+                    datatype(tensor.kind())?,
+                    reduction(*op),
+                    comm,
+                    stream,
+                ),
+                Op::ReduceScatter { input, output } => nccl::reduce_scatter(
+                    ptr(input),
+                    ptr(output),
+                    output.numel(),
+                    datatype(input.kind())?,
+                    nccl_sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                ),
+                Op::AllGather { input, output } => {
+                    nccl::all_gather(ptr(input), ptr(output), input.numel(), datatype(input.kind())?, comm, stream)
+                }
+                Op::Broadcast { tensor, root } => nccl::broadcast(
+                    ptr(tensor),
+                    ptr(tensor),
+                    tensor.numel(),
+                    datatype(tensor.kind())?,
+                    *root as i32,
+                    comm,
+                    stream,
+                ),
+                Op::Barrier | Op::Mpi(_) => bail!("only collectives on tensors run through NCCL"),
+            }
+        };
+        result.map_err(|e| nccl_error(&format!("nccl {}", op.name()), e))?;
+        let done = Event::new()?;
+        done.record(self.stream)?;
+        Ok(done)
+    }
+
+    /// Ends every communicator at once, cancelling collectives that will never complete.
+    pub(super) fn abort(&mut self) {
+        for (_, comm) in self.communicators.drain(..) {
+            // SAFETY: a live communicator, removed from the list so it is never used again.
+            let _ = unsafe { nccl::comm_abort(comm.0) };
+        }
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        for (_, comm) in self.communicators.drain(..) {
+            // SAFETY: a live communicator whose collectives have completed (the communication
+            // thread retires every one before it stops).
+            let _ = unsafe { nccl::comm_destroy(comm.0) };
+        }
+        // SAFETY: the stream was created by Nccl::new and is destroyed once.
+        let _ = unsafe { cu::stream::destroy(self.stream) };
+    }
+}
+
+// SAFETY: the stream and communicators are used only by the thread that owns the Nccl value
+// (the communication thread, or the caller of `self_test`); CUDA and NCCL allow handles to
+// move between threads.
+unsafe impl Send for Nccl {}
+
+fn datatype(kind: Kind) -> Result<nccl_sys::ncclDataType_t> {
+    use nccl_sys::ncclDataType_t as T;
+    Ok(match kind {
+        Kind::BFloat16 => T::ncclBfloat16,
+        Kind::Half => T::ncclFloat16,
+        Kind::Float => T::ncclFloat32,
+        Kind::Double => T::ncclFloat64,
+        Kind::Int64 => T::ncclInt64,
+        Kind::Int => T::ncclInt32,
+        other => bail!("NCCL collectives support bf16, f16, f32, f64, i32 and i64 tensors, not {other:?}"),
+    })
+}
+
+fn reduction(op: ReduceOp) -> nccl_sys::ncclRedOp_t {
+    match op {
+        ReduceOp::Sum => nccl_sys::ncclRedOp_t::ncclSum,
+        ReduceOp::Max => nccl_sys::ncclRedOp_t::ncclMax,
+    }
+}
+
+/// Runs every collective through NCCL on `device` with a one-rank communicator and checks the
+/// results (the GPU check's round trip; no MPI involved). Returns one line per collective.
+pub fn self_test(device: usize) -> Result<Vec<String>> {
+    let mut nccl = Nccl::new(device)?;
+    let comm = nccl.communicator(GroupKind::World, 0, 1, device, |_| Ok(()))?;
+    let cuda = tch::Device::Cuda(device);
+    let mut lines = Vec::new();
+    for kind in [Kind::BFloat16, Kind::Float, Kind::Double, Kind::Int64] {
+        let values = Tensor::arange(1 << 20, (Kind::Float, cuda)).to_kind(kind);
+        let ops = [
+            ("all_reduce", Op::AllReduce { tensor: values.copy(), op: ReduceOp::Sum }),
+            ("all_reduce(max)", Op::AllReduce { tensor: values.copy(), op: ReduceOp::Max }),
+            ("reduce_scatter", Op::ReduceScatter { input: values.copy(), output: values.zeros_like() }),
+            ("all_gather", Op::AllGather { input: values.copy(), output: values.zeros_like() }),
+            ("broadcast", Op::Broadcast { tensor: values.copy(), root: 0 }),
+        ];
+        for (name, op) in ops {
+            op.check(1)?;
+            let ready = Event::on_compute_stream(device)?;
+            let done = nccl.launch(comm, &op, Some(&ready))?;
+            done.block_compute_stream(device)?;
+            let (_, result) = op.tensors().expect("tensor collectives");
+            let equal = result.to_kind(Kind::Double).equal(&values.to_kind(Kind::Double));
+            if !equal {
+                bail!("NCCL {name} of {kind:?} on cuda:{device} changed the data of a one-rank group");
+            }
+            lines.push(format!("nccl {name} {kind:?} 1Mi elements: ok"));
+        }
+    }
+    Ok(lines)
+}
