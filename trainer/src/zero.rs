@@ -34,7 +34,8 @@ enum Weights {
     Flat,
     /// A master copy of the whole flat buffer (plain DP in bf16).
     Master(Tensor),
-    /// This rank's chunks, contiguous (ZeRO-1), and the reduce-scatter target for their gradients.
+    /// This rank's chunks, contiguous (ZeRO-1), and the reduce-scatter target for their
+    /// gradients (in the gradients' dtype, which the collective keeps).
     Shard { weights: Tensor, grads: Tensor },
 }
 
@@ -93,7 +94,8 @@ impl DistOptimizer {
         let weights = if zero {
             let pieces: Vec<Tensor> = chunks.iter().map(|c| narrow(values, &c.flat)).collect();
             let weights = Tensor::cat(&pieces, 0).to_kind(master);
-            Weights::Shard { grads: Tensor::zeros_like(&weights), weights }
+            let grads = Tensor::zeros([weights.numel() as i64], (params.grads().kind(), values.device()));
+            Weights::Shard { grads, weights }
         } else if values.kind() != master {
             Weights::Master(values.to_kind(master))
         } else {
@@ -135,9 +137,11 @@ impl DistOptimizer {
     /// of the updated parameters. A non-finite norm skips the update.
     pub fn step(&mut self, params: &FlatParams, lr: f64, max_norm: f64) -> Result<f64> {
         let grads = match &self.weights {
-            Weights::Shard { grads, .. } => grads.shallow_clone(),
-            Weights::Flat | Weights::Master(_) => params.grads().shallow_clone(),
+            Weights::Shard { grads, .. } => grads,
+            Weights::Flat | Weights::Master(_) => params.grads(),
         };
+        // bf16 gradients: norm, clipping and the update in the master dtype (no copy otherwise).
+        let grads = grads.to_kind(master_kind(grads.kind()));
         let norm = self.global_grad_norm(&grads)?;
         if !norm.is_finite() {
             // Every rank sees the same global norm, so every rank skips this update.

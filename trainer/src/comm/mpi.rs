@@ -36,7 +36,7 @@ fn datatype(kind: Kind) -> Result<ffi::MPI_Datatype> {
             Kind::Float => ffi::RSMPI_FLOAT,
             Kind::Double => ffi::RSMPI_DOUBLE,
             Kind::Int64 => ffi::RSMPI_INT64_T,
-            other => bail!("MPI collectives support float32, float64 and int64 CPU tensors, not {other:?}"),
+            other => bail!("MPI collectives support bf16, f16, f32, f64 and int64 CPU tensors, not {other:?}"),
         }
     })
 }
@@ -52,6 +52,11 @@ fn count(tensor: &Tensor) -> Result<c_int> {
 /// algorithms, the same call a program using MPI directly would make. The communication
 /// thread's watchdog ends the process if it does not return in time.
 pub(super) fn run(comm: &SimpleCommunicator, op: &Op) -> Result<()> {
+    if let Some((tensor, _)) = op.tensors() {
+        if matches!(tensor.kind(), Kind::BFloat16 | Kind::Half) {
+            return run_widened(comm, op);
+        }
+    }
     let raw = comm.as_raw();
     // SAFETY: every pointer is the data of a live, contiguous CPU tensor of the datatype and
     // element count passed alongside (checked by `count` and `datatype`; sizes by
@@ -94,6 +99,34 @@ pub(super) fn run(comm: &SimpleCommunicator, op: &Op) -> Result<()> {
     if code != 0 {
         bail!("MPI error code {code}");
     }
+    Ok(())
+}
+
+/// MPI has no 16-bit float types: runs the collective on f32 copies and rounds the result back
+/// once (a bf16 all-reduce then rounds once, as NCCL's does, instead of at every partial sum).
+fn run_widened(comm: &SimpleCommunicator, op: &Op) -> Result<()> {
+    let wide = |t: &Tensor| t.to_kind(Kind::Float);
+    let (widened, mut target, result) = match op {
+        Op::AllReduce { tensor, op } => {
+            let result = wide(tensor);
+            (Op::AllReduce { tensor: result.shallow_clone(), op: *op }, tensor.shallow_clone(), result)
+        }
+        Op::Broadcast { tensor, root } => {
+            let result = wide(tensor);
+            (Op::Broadcast { tensor: result.shallow_clone(), root: *root }, tensor.shallow_clone(), result)
+        }
+        Op::ReduceScatter { input, output } => {
+            let result = wide(output);
+            (Op::ReduceScatter { input: wide(input), output: result.shallow_clone() }, output.shallow_clone(), result)
+        }
+        Op::AllGather { input, output } => {
+            let result = wide(output);
+            (Op::AllGather { input: wide(input), output: result.shallow_clone() }, output.shallow_clone(), result)
+        }
+        Op::Barrier | Op::Mpi(_) => return run(comm, op),
+    };
+    run(comm, &widened)?;
+    target.copy_(&result);
     Ok(())
 }
 

@@ -76,18 +76,25 @@ fn cuda_error(call: &str, error: cu::DriverError) -> anyhow::Error {
     anyhow::anyhow!("{call} failed: {name} ({:?})", error.0)
 }
 
-/// Makes `device`'s primary context (the one libtorch's runtime uses) current on this thread.
+/// Makes `device`'s primary context (the one libtorch's runtime uses) current on this thread,
+/// once per thread: the context is retained for the life of the process, as libtorch keeps it.
 fn make_current(device: usize) -> Result<()> {
+    thread_local! {
+        static CURRENT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+    if CURRENT.get() == Some(device) {
+        return Ok(());
+    }
     require(Library::Driver)?;
     cu::init().map_err(|e| cuda_error("cuInit", e))?;
     let handle = cu::device::get(device as i32).map_err(|e| cuda_error("cuDeviceGet", e))?;
-    // SAFETY: `handle` is a valid device; retaining its primary context (kept for the life of
-    // the process, as libtorch keeps it) and making it current touch no memory of ours.
+    // SAFETY: `handle` is a valid device; retaining its primary context and making it current
+    // touch no memory of ours.
     unsafe {
         let context = cu::primary_ctx::retain(handle).map_err(|e| cuda_error("cuDevicePrimaryCtxRetain", e))?;
         cu::ctx::set_current(context).map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
-        cu::primary_ctx::release(handle).map_err(|e| cuda_error("cuDevicePrimaryCtxRelease", e))?;
     }
+    CURRENT.set(Some(device));
     Ok(())
 }
 
