@@ -18,15 +18,17 @@ use tch::{Kind, Tensor};
 #[derive(Debug, Clone, Copy)]
 enum Library {
     Driver,
+    Runtime,
     Nccl,
 }
 
 /// Checks once per library that it can be loaded (cudarc panics on a missing one), with an
 /// error that names the file names searched and the fix.
 fn require(library: Library) -> Result<()> {
-    static CHECKED: [OnceLock<std::result::Result<(), String>>; 2] = [OnceLock::new(), OnceLock::new()];
+    static CHECKED: [OnceLock<std::result::Result<(), String>>; 3] = [const { OnceLock::new() }; 3];
     let (name, what) = match library {
         Library::Driver => ("cuda", "the NVIDIA driver's libcuda.so.1 (is this a GPU machine?)"),
+        Library::Runtime => ("cudart", "the CUDA runtime libcudart (libtorch_cuda loads it)"),
         Library::Nccl => (
             "nccl",
             "NCCL: the torch wheel ships nvidia/nccl/lib/libnccl.so.2, and a libnccl.so link to it must be on the \
@@ -77,7 +79,8 @@ fn cuda_error(call: &str, error: cu::DriverError) -> anyhow::Error {
 }
 
 /// Makes `device`'s primary context (the one libtorch's runtime uses) current on this thread,
-/// once per thread: the context is retained for the life of the process, as libtorch keeps it.
+/// once per thread, for the driver API and the runtime (NCCL picks its device with
+/// `cudaGetDevice`); the context is retained for the life of the process, as libtorch keeps it.
 fn make_current(device: usize) -> Result<()> {
     thread_local! {
         static CURRENT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
@@ -94,6 +97,9 @@ fn make_current(device: usize) -> Result<()> {
         let context = cu::primary_ctx::retain(handle).map_err(|e| cuda_error("cuDevicePrimaryCtxRetain", e))?;
         cu::ctx::set_current(context).map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
     }
+    require(Library::Runtime)?;
+    cudarc::runtime::result::device::set(device as i32)
+        .map_err(|e| anyhow::anyhow!("cudaSetDevice({device}) failed: {e:?}"))?;
     CURRENT.set(Some(device));
     Ok(())
 }
