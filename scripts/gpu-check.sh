@@ -14,14 +14,18 @@ python=${PYTHON:-python3}
 [ -x "$BUNDLE/bin/trainer" ] || { echo "no $BUNDLE/bin/trainer: run scripts/gpu-bundle on the build machine and bring $BUNDLE" >&2; exit 2; }
 
 # The trainer's rpath names the build machine's venv: point the loader at this machine's torch,
-# its nvidia libraries, the bundled MPI libraries, and a libnccl.so name for cudarc.
+# its nvidia libraries, the bundled libraries this machine lacks, and a libnccl.so name for cudarc.
 torch_dir=$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))') || exit 2
 site=$(dirname "$torch_dir")
 links=$(mktemp -d)
+trap 'rm -rf "$links"' EXIT
 ln -s "$site/nvidia/nccl/lib/libnccl.so.2" "$links/libnccl.so"
+for lib in "$BUNDLE"/lib/*; do
+    ldconfig -p | grep -q "/$(basename "$lib")\$" || ln -s "$(realpath "$lib")" "$links/"
+done
 nvidia_libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | paste -sd:)
-export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:$links:$torch_dir/lib:$nvidia_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-trainer=$BUNDLE/bin/trainer
+export LD_LIBRARY_PATH="$links:$torch_dir/lib:$nvidia_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+trainer=$(realpath "$BUNDLE/bin/trainer")
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
 

@@ -1,5 +1,7 @@
 """End-to-end training on a real corpus with the release `trainer` binary: it learns, it repeats, it refuses bad input clearly."""
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,20 @@ def test_trains_on_a_megatron_indexed_dataset(tmp_path):
     result = train(tmp_path / "missing_prefix", tmp_path / "r2", "data.format=megatron", "train.eval_every=0",
                    "train.sample_tokens=0", check=False)
     assert result.returncode == 1 and "invalid config data.path" in result.stderr, result.stderr
+
+
+def test_gpu_check_runs_its_pipeline_from_a_bundle_on_cpu(fortunes_data, tmp_path):
+    """scripts/gpu-check.sh (for a GPU machine without Rust) from a scripts/gpu-bundle bundle, dry-run on CPU with
+    the tiny config: NCCL loads through its LD_LIBRARY_PATH link, the missing GPU is reported clearly, and the
+    training summary (tokens/s, MFU, phases) is printed from metrics.jsonl."""
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    env = {**os.environ, "BUNDLE": str(bundle), "DATA": str(fortunes_data)}
+    run(REPO / "scripts" / "gpu-bundle", env=env)
+    assert (bundle / "lib" / "libmpi.so.40").exists() and (bundle / "data" / "fortunes" / "manifest.json").exists()
+    env.update(OUT=str(out), PYTHON=sys.executable, CONFIG="configs/tiny.toml", DEVICE="cpu", STEPS="4", WARMUP="2")
+    result = run(REPO / "scripts" / "gpu-check.sh", env=env, check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode == 1, text  # the NCCL round trip needs a GPU
+    assert "nccl: 2." in text and "cannot load the NVIDIA driver's libcuda.so.1" in text, text
+    assert "tokens/s" in text and "MFU" in text and "communication" in text, text
+    assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 4
