@@ -155,10 +155,13 @@ fn run_job(args: RunArgs) -> Result<ExitCode> {
         None => default_program()?,
     };
     let program = mpirun::resolve_program(&program)?;
+    let mut env = Vec::new();
     if let Some(hostfile) = &args.hostfile {
         if !hostfile.is_file() {
             bail!("hostfile {} does not exist", hostfile.display());
         }
+        // Ranks on other hosts do not inherit this environment.
+        env = mpirun::for_remote_ranks(std::env::vars());
     }
     let job = Job {
         nproc: args.nproc,
@@ -166,7 +169,7 @@ fn run_job(args: RunArgs) -> Result<ExitCode> {
         program_args: args.program_args,
         hostfile: args.hostfile,
         mpirun_args: args.mpirun_args,
-        env: Vec::new(),
+        env,
     };
     let policy = supervise::Policy {
         max_restarts: args.max_restarts,

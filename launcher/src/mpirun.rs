@@ -140,6 +140,18 @@ impl Drop for SignalForwarder {
     }
 }
 
+/// The variables of `vars` that configure the ranks' libraries (NCCL, libtorch, logging, the
+/// library path), which mpirun must export (`-x`) for ranks started on other hosts to see them.
+pub fn for_remote_ranks(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    const PREFIXES: [&str; 3] = ["NCCL_", "TORCH_", "UCX_"];
+    const NAMES: [&str; 3] = ["RUST_LOG", "LD_LIBRARY_PATH", "OMP_NUM_THREADS"];
+    let mut exported: Vec<_> = vars
+        .filter(|(name, _)| PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name.as_str()))
+        .collect();
+    exported.sort();
+    exported
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -493,6 +505,14 @@ mod tests {
         let root: Vec<_> = job.command(Path::new("mpirun"), true).get_envs().map(|(k, _)| k.to_owned()).collect();
         assert_eq!(root, ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "TRAINER_RESTARTS"]);
         assert_eq!(job.command(Path::new("mpirun"), false).get_envs().count(), 1);
+    }
+
+    #[test]
+    fn library_settings_are_exported_to_remote_ranks() {
+        let vars = [("NCCL_DEBUG", "INFO"), ("HOME", "/root"), ("RUST_LOG", "debug"), ("CUDA_VISIBLE_DEVICES", "0")];
+        let exported = for_remote_ranks(vars.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        let names: Vec<_> = exported.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["NCCL_DEBUG", "RUST_LOG"]);
     }
 
     #[test]
