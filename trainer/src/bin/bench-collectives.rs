@@ -31,13 +31,16 @@ fn main() -> Result<()> {
         for power in (10..=28).step_by(2) {
             let bytes = 1usize << power;
             let elements = (bytes / 4 / ranks * ranks) as i64;
-            let buffer = Tensor::zeros([elements], (Kind::Float, Device::Cpu));
-            let output = Tensor::zeros([elements / ranks as i64], (Kind::Float, Device::Cpu));
+            let case = Case {
+                operation,
+                buffer: Tensor::zeros([elements], (Kind::Float, Device::Cpu)),
+                output: Tensor::zeros([elements / ranks as i64], (Kind::Float, Device::Cpu)),
+            };
             let iterations = (((1usize << 30) / bytes).clamp(2, 200)) as u32;
             let (mut ours, mut raw) = (Duration::MAX, Duration::MAX);
             for _ in 0..ROUNDS {
-                ours = ours.min(time_collectives(&comm, operation, &buffer, &output, iterations)?);
-                raw = raw.min(time_raw_mpi(&comm, operation, &buffer, &output, iterations)?);
+                ours = ours.min(case.time_collectives(&comm, iterations)?);
+                raw = raw.min(case.time_raw_mpi(&comm, iterations)?);
             }
             let bus_bytes = (elements * 4) as f64 * (ranks - 1) as f64 / ranks as f64;
             let bus_bytes = if operation == Operation::AllReduce { 2.0 * bus_bytes } else { bus_bytes };
@@ -52,47 +55,45 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The slowest rank's time for `iterations` collectives through [`Comm`], each waited for.
-fn time_collectives(
-    comm: &Comm,
+/// One operation on one buffer size: the buffer (all-reduce in place, reduce-scatter input) and
+/// the reduce-scatter output.
+struct Case {
     operation: Operation,
-    buffer: &Tensor,
-    output: &Tensor,
-    iterations: u32,
-) -> Result<Duration> {
-    wait_all([comm.barrier(GroupKind::World)])?;
-    let started = Instant::now();
-    for _ in 0..iterations {
-        let pending = match operation {
-            Operation::AllReduce => comm.all_reduce(GroupKind::World, buffer, ReduceOp::Sum),
-            Operation::ReduceScatter => comm.reduce_scatter(GroupKind::World, buffer, output),
-        };
-        pending.wait()?;
-    }
-    slowest(comm, started.elapsed())
+    buffer: Tensor,
+    output: Tensor,
 }
 
-/// The slowest rank's time for `iterations` blocking MPI calls on the same buffers.
-fn time_raw_mpi(
-    comm: &Comm,
-    operation: Operation,
-    buffer: &Tensor,
-    output: &Tensor,
-    iterations: u32,
-) -> Result<Duration> {
-    let (buffer, output) = (buffer.shallow_clone(), output.shallow_clone());
-    let elapsed = comm.with_mpi(GroupKind::World, move |mpi| -> Result<Duration> {
-        mpi::collective::CommunicatorCollectives::barrier(mpi);
+impl Case {
+    /// The slowest rank's time for `iterations` collectives through [`Comm`], each waited for.
+    fn time_collectives(&self, comm: &Comm, iterations: u32) -> Result<Duration> {
+        wait_all([comm.barrier(GroupKind::World)])?;
         let started = Instant::now();
         for _ in 0..iterations {
-            match operation {
-                Operation::AllReduce => raw_mpi::all_reduce_sum(mpi, &buffer)?,
-                Operation::ReduceScatter => raw_mpi::reduce_scatter_sum(mpi, &buffer, &output)?,
-            }
+            let pending = match self.operation {
+                Operation::AllReduce => comm.all_reduce(GroupKind::World, &self.buffer, ReduceOp::Sum),
+                Operation::ReduceScatter => comm.reduce_scatter(GroupKind::World, &self.buffer, &self.output),
+            };
+            pending.wait()?;
         }
-        Ok(started.elapsed())
-    })??;
-    slowest(comm, elapsed)
+        slowest(comm, started.elapsed())
+    }
+
+    /// The slowest rank's time for `iterations` blocking MPI calls on the same buffers.
+    fn time_raw_mpi(&self, comm: &Comm, iterations: u32) -> Result<Duration> {
+        let (operation, buffer, output) = (self.operation, self.buffer.shallow_clone(), self.output.shallow_clone());
+        let elapsed = comm.with_mpi(GroupKind::World, move |mpi| -> Result<Duration> {
+            mpi::collective::CommunicatorCollectives::barrier(mpi);
+            let started = Instant::now();
+            for _ in 0..iterations {
+                match operation {
+                    Operation::AllReduce => raw_mpi::all_reduce_sum(mpi, &buffer)?,
+                    Operation::ReduceScatter => raw_mpi::reduce_scatter_sum(mpi, &buffer, &output)?,
+                }
+            }
+            Ok(started.elapsed())
+        })??;
+        slowest(comm, elapsed)
+    }
 }
 
 fn slowest(comm: &Comm, elapsed: Duration) -> Result<Duration> {

@@ -446,7 +446,8 @@ fn communication_thread(
         in_flight: VecDeque::new(),
         observer,
     };
-    if let Err(error) = worker.run(jobs) {
+    if let Err(error) = worker.run(&jobs) {
+        // Set before `jobs` goes, so that every handle still queued reports this failure.
         let _ = failure.set(format!("{error:#}"));
         if let Some(nccl) = worker.nccl.as_mut() {
             nccl.abort();
@@ -456,6 +457,7 @@ fn communication_thread(
         std::mem::forget(worker);
         std::mem::forget(universe);
     }
+    drop(jobs);
 }
 
 /// A CUDA collective queued on the NCCL stream, kept (with its tensors) until it completes.
@@ -509,11 +511,11 @@ struct Worker {
 impl Worker {
     /// Runs jobs until the sender is gone (then waits for the GPU's last collectives), or a
     /// collective fails or times out.
-    fn run(&mut self, jobs: Receiver<Job>) -> Result<()> {
+    fn run(&mut self, jobs: &Receiver<Job>) -> Result<()> {
         loop {
             self.retire_completed()?;
             let job = if self.in_flight.is_empty() {
-                match receive_soon(&jobs) {
+                match receive_soon(jobs) {
                     Ok(job) => job,
                     Err(_) => return Ok(()),
                 }
