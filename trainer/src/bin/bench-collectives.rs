@@ -1,7 +1,8 @@
 //! Benchmark (run under mpirun): bus bandwidth of all-reduce and reduce-scatter through the trainer's collectives against plain blocking MPI on the same buffers.
 //!
-//! Sizes 1 KiB to 256 MiB of f32. Each (operation, size) alternates rounds of the two
-//! methods and keeps each one's best round, so load on a shared machine penalizes neither.
+//! Sizes 1 KiB to 256 MiB of f32. Each (operation, size) runs rounds of the two methods back
+//! to back and reports the medians: of each one's bandwidth, and of the per-round ratio (so
+//! that load drifting on a shared machine penalizes neither).
 //! Bus bandwidth follows nccl-tests: all-reduce moves 2(n-1)/n of the buffer per rank,
 //! reduce-scatter (n-1)/n of its input.
 use anyhow::Result;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use trainer::comm::{raw_mpi, wait_all, Comm, GroupKind, ReduceOp};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Operation {
@@ -24,7 +25,7 @@ fn main() -> Result<()> {
     anyhow::ensure!(ranks > 1, "run under mpirun with 2 or more ranks");
     let leader = comm.topology.rank == 0;
     if leader {
-        println!("{ranks} ranks; bus bandwidth in GB/s (best of {ROUNDS} rounds each)");
+        println!("{ranks} ranks; bus bandwidth in GB/s, medians of {ROUNDS} rounds");
         println!("{:<15} {:>10} {:>12} {:>12} {:>7}", "operation", "bytes", "collectives", "raw MPI", "ratio");
     }
     for operation in [Operation::AllReduce, Operation::ReduceScatter] {
@@ -37,18 +38,19 @@ fn main() -> Result<()> {
                 output: Tensor::zeros([elements / ranks as i64], (Kind::Float, Device::Cpu)),
             };
             let iterations = (((1usize << 30) / bytes).clamp(2, 200)) as u32;
-            let (mut ours, mut raw) = (Duration::MAX, Duration::MAX);
-            for _ in 0..ROUNDS {
-                ours = ours.min(case.time_collectives(&comm, iterations)?);
-                raw = raw.min(case.time_raw_mpi(&comm, iterations)?);
-            }
             let bus_bytes = (elements * 4) as f64 * (ranks - 1) as f64 / ranks as f64;
             let bus_bytes = if operation == Operation::AllReduce { 2.0 * bus_bytes } else { bus_bytes };
             let gbps = |time: Duration| bus_bytes * f64::from(iterations) / time.as_secs_f64() / 1e9;
+            let (mut ours, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                ours.push(gbps(case.time_collectives(&comm, iterations)?));
+                raw.push(gbps(case.time_raw_mpi(&comm, iterations)?));
+                ratios.push(ours[ours.len() - 1] / raw[raw.len() - 1]);
+            }
             if leader {
                 let name = if operation == Operation::AllReduce { "all_reduce" } else { "reduce_scatter" };
-                let (ours, raw) = (gbps(ours), gbps(raw));
-                println!("{name:<15} {:>10} {ours:>12.3} {raw:>12.3} {:>7.3}", elements * 4, ours / raw);
+                let (ours, raw, ratio) = (median(ours), median(raw), median(ratios));
+                println!("{name:<15} {:>10} {ours:>12.3} {raw:>12.3} {ratio:>7.3}", elements * 4);
             }
         }
     }
@@ -94,6 +96,11 @@ impl Case {
         })??;
         slowest(comm, elapsed)
     }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn slowest(comm: &Comm, elapsed: Duration) -> Result<Duration> {
