@@ -624,3 +624,44 @@ impl Worker {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    fn zeros(n: i64, kind: Kind) -> Tensor {
+        Tensor::zeros([n], (kind, Device::Cpu))
+    }
+
+    #[test]
+    fn collectives_check_sizes_dtypes_and_layout_before_any_backend_sees_them() {
+        let scatter = |input: Tensor, output: Tensor| Op::ReduceScatter { input, output };
+        let gather = |input: Tensor, output: Tensor| Op::AllGather { input, output };
+        assert!(scatter(zeros(8, Kind::Float), zeros(4, Kind::Float)).check(2).is_ok());
+        assert!(gather(zeros(4, Kind::Float), zeros(8, Kind::Float)).check(2).is_ok());
+        let cases = [
+            (scatter(zeros(8, Kind::Float), zeros(3, Kind::Float)), "reduce_scatter input must hold group size (2)"),
+            (gather(zeros(4, Kind::Float), zeros(4, Kind::Float)), "all_gather output must hold group size (2)"),
+            (scatter(zeros(8, Kind::BFloat16), zeros(4, Kind::Float)), "must share device and dtype"),
+            (
+                Op::AllReduce { tensor: zeros(8, Kind::Float).view([4, 2]).transpose(0, 1), op: ReduceOp::Sum },
+                "contiguous",
+            ),
+        ];
+        for (op, expected) in cases {
+            let error = op.check(2).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_single_rank_runs_collectives_locally_and_refuses_direct_mpi() {
+        let comm = Comm::single();
+        let (input, output) = (Tensor::arange(6, (Kind::Float, Device::Cpu)), zeros(6, Kind::Float));
+        comm.all_gather(GroupKind::World, &input, &output).wait().unwrap();
+        assert!(output.equal(&input));
+        let error = comm.with_mpi(GroupKind::World, |_| ()).unwrap_err().to_string();
+        assert!(error.contains("need a job started by mpirun"), "{error}");
+    }
+}
