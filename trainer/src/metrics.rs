@@ -60,15 +60,23 @@ pub const CPU_PEAK_FLOPS_PER_THREAD: f64 = 1e11;
 /// Peak FLOP/s assumed per GPU when `metrics.peak_flops` is unset: H100/H200 SXM dense bf16.
 pub const GPU_PEAK_FLOPS: f64 = 989e12;
 
+/// Seconds the training thread waited on collectives of each group, in [`GROUPS`] order.
+pub type GroupSeconds = [f64; 3];
+
 struct PhaseClock {
     last: Instant,
     waited: f64,
     seconds: PhaseSeconds,
+    waited_by_group: GroupSeconds,
 }
 
 thread_local! {
-    static CLOCK: RefCell<PhaseClock> =
-        RefCell::new(PhaseClock { last: Instant::now(), waited: 0.0, seconds: [0.0; 5] });
+    static CLOCK: RefCell<PhaseClock> = RefCell::new(PhaseClock {
+        last: Instant::now(),
+        waited: 0.0,
+        seconds: [0.0; 5],
+        waited_by_group: [0.0; 3],
+    });
 }
 
 /// Starts timing a step on this thread (discards whatever was timed before).
@@ -77,6 +85,7 @@ pub fn reset_phases() {
         clock.last = Instant::now();
         clock.waited = 0.0;
         clock.seconds = [0.0; 5];
+        clock.waited_by_group = [0.0; 3];
     });
 }
 
@@ -94,9 +103,12 @@ pub fn lap(phase: Phase) {
     });
 }
 
-/// Counts `waited` as time this thread was blocked on a collective.
-pub fn record_wait(waited: Duration) {
-    CLOCK.with_borrow_mut(|clock| clock.waited += waited.as_secs_f64());
+/// Counts `waited` as time this thread was blocked on a collective of `group`.
+pub fn record_wait(group: GroupKind, waited: Duration) {
+    CLOCK.with_borrow_mut(|clock| {
+        clock.waited += waited.as_secs_f64();
+        clock.waited_by_group[group as usize] += waited.as_secs_f64();
+    });
 }
 
 /// Writes phase times as a JSON object keyed by [`PHASES`] (in `metrics.jsonl`).
@@ -104,9 +116,14 @@ pub fn serialize_phases<S: serde::Serializer>(phases: &PhaseSeconds, serializer:
     serializer.collect_map(PHASES.iter().zip(phases))
 }
 
-/// The phase times since [`reset_phases`], resetting them.
-pub fn take_phases() -> PhaseSeconds {
-    CLOCK.with_borrow_mut(|clock| std::mem::take(&mut clock.seconds))
+/// Writes wait times as a JSON object keyed by [`GROUPS`] (in `metrics.jsonl`).
+pub fn serialize_groups<S: serde::Serializer>(waits: &GroupSeconds, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(GROUPS.iter().zip(waits))
+}
+
+/// The phase times and the waits by group since [`reset_phases`], resetting them.
+pub fn take_phases() -> (PhaseSeconds, GroupSeconds) {
+    CLOCK.with_borrow_mut(|clock| (std::mem::take(&mut clock.seconds), std::mem::take(&mut clock.waited_by_group)))
 }
 
 impl MetricsConfig {
@@ -224,6 +241,7 @@ pub struct Metrics {
     skipped_steps: IntCounter,
     step_seconds: Histogram,
     phase_seconds: Vec<Histogram>,
+    wait_seconds: Vec<prometheus::Counter>,
     checkpoint_save_seconds: Histogram,
     checkpoint_save_bytes: IntCounter,
     checkpoint_load_seconds: Histogram,
@@ -309,6 +327,15 @@ impl Metrics {
         )?;
         r.register(Box::new(phase_vec.clone()))?;
         let phase_seconds = PHASES.iter().map(|p| phase_vec.with_label_values(&[*p])).collect();
+        let wait_vec = prometheus::CounterVec::new(
+            Opts::new(
+                "trainer_collective_wait_seconds_total",
+                "Time the training thread was blocked on collectives of each group (the communication not hidden by compute)",
+            ),
+            &["group"],
+        )?;
+        r.register(Box::new(wait_vec.clone()))?;
+        let wait_seconds = GROUPS.iter().map(|g| wait_vec.with_label_values(&[*g])).collect();
 
         let labels = &["group", "operation"];
         let seconds = prometheus::CounterVec::new(
@@ -416,6 +443,7 @@ impl Metrics {
                 time_buckets,
             )?,
             phase_seconds,
+            wait_seconds,
             checkpoint_save_seconds: histogram(
                 &r,
                 "trainer_checkpoint_save_seconds",
@@ -469,6 +497,9 @@ impl Metrics {
         self.step_seconds.observe(record.step_seconds);
         for (histogram, seconds) in self.phase_seconds.iter().zip(record.phase_seconds) {
             histogram.observe(seconds);
+        }
+        for (counter, seconds) in self.wait_seconds.iter().zip(record.wait_seconds) {
+            counter.inc_by(seconds);
         }
     }
 
@@ -649,6 +680,7 @@ mod tests {
     }
 
     fn record(step: i64, val_loss: Option<f64>, phase_seconds: PhaseSeconds) -> StepRecord {
+        let wait_seconds = [0.0, phase_seconds[Phase::Communication as usize], 0.0];
         StepRecord {
             step,
             loss: 4.5,
@@ -658,6 +690,7 @@ mod tests {
             step_seconds: 0.5,
             mfu: 0.25,
             phase_seconds,
+            wait_seconds,
             val_loss,
         }
     }
@@ -680,13 +713,14 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         lap(Phase::DataWait);
         std::thread::sleep(Duration::from_millis(30));
-        record_wait(Duration::from_millis(10));
+        record_wait(GroupKind::Data, Duration::from_millis(10));
         lap(Phase::Forward);
-        let phases = take_phases();
+        let (phases, waits) = take_phases();
+        assert_eq!(waits, [0.0, 0.01, 0.0]);
         assert!(phases[Phase::DataWait as usize] >= 0.02, "{phases:?}");
         assert!((phases[Phase::Communication as usize] - 0.01).abs() < 1e-9, "{phases:?}");
         assert!(phases[Phase::Forward as usize] >= 0.02 && phases[Phase::Forward as usize] < 0.2, "{phases:?}");
-        assert_eq!(take_phases(), [0.0; 5]);
+        assert_eq!(take_phases(), ([0.0; 5], [0.0; 3]));
     }
 
     /// The value of the sample `name` whose labels include `labels`, from exposition text.
@@ -733,6 +767,8 @@ mod tests {
             ("trainer_step_seconds_sum", &[], 0.5),
             ("trainer_step_phase_seconds_sum", &[("phase", "backward")], 0.3),
             ("trainer_step_phase_seconds_count", &[("phase", "data_wait")], 1.0),
+            ("trainer_collective_wait_seconds_total", &[("group", "data")], 0.05),
+            ("trainer_collective_wait_seconds_total", &[("group", "tensor")], 0.0),
             ("trainer_checkpoint_save_seconds_sum", &[], 1.5),
             ("trainer_checkpoint_save_bytes_total", &[], 1000.0),
             ("trainer_checkpoint_load_seconds_count", &[], 1.0),

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
 use crate::hf;
-use crate::metrics::{lap, reset_phases, take_phases, Metrics, Phase, PhaseSeconds};
+use crate::metrics::{lap, reset_phases, take_phases, GroupSeconds, Metrics, Phase, PhaseSeconds};
 use crate::model::{segment_specs, TpShard};
 use crate::optim::learning_rate;
 use crate::params::FlatParams;
@@ -34,6 +34,9 @@ pub struct StepRecord {
     /// Seconds of the step by phase (data wait, forward, backward, communication wait, optimizer).
     #[serde(serialize_with = "crate::metrics::serialize_phases")]
     pub phase_seconds: PhaseSeconds,
+    /// Of the communication phase: seconds waited on each group's collectives (tensor, data, world).
+    #[serde(serialize_with = "crate::metrics::serialize_groups")]
+    pub wait_seconds: GroupSeconds,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
 }
@@ -144,10 +147,20 @@ pub fn train(config: &Config) -> Result<Outcome> {
             None
         };
         let tokens_per_s = step_tokens / step_seconds;
-        let phase_seconds = take_phases();
+        let (phase_seconds, wait_seconds) = take_phases();
         let mfu = metrics.mfu(step_seconds);
-        let record =
-            StepRecord { step: done, loss, lr, grad_norm, tokens_per_s, step_seconds, mfu, phase_seconds, val_loss };
+        let record = StepRecord {
+            step: done,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s,
+            step_seconds,
+            mfu,
+            phase_seconds,
+            wait_seconds,
+            val_loss,
+        };
         metrics.record_step(&record);
         if let Some(log) = log.as_mut() {
             log.write(&record, t.log_every, t.steps, last)?;

@@ -217,11 +217,11 @@ type Failure = Arc<OnceLock<String>>;
 /// ordered before every later kernel of the compute stream (CUDA); or failed, or timed out.
 #[must_use = "a collective must be waited for before its tensors are read or written"]
 #[derive(Debug)]
-pub struct Pending(Option<(Receiver<Result<Completion>>, Failure)>);
+pub struct Pending(Option<(Receiver<Result<Completion>>, Failure, GroupKind)>);
 
 impl Pending {
     pub fn wait(self) -> Result<()> {
-        let Some((done, failure)) = self.0 else { return Ok(()) };
+        let Some((done, failure, group)) = self.0 else { return Ok(()) };
         let started = Instant::now();
         let completion = match receive_soon(&done) {
             Ok(completion) => completion?,
@@ -230,7 +230,7 @@ impl Pending {
         if let Completion::OnGpu { event, device } = completion {
             event.block_compute_stream(device)?;
         }
-        crate::metrics::record_wait(started.elapsed());
+        crate::metrics::record_wait(group, started.elapsed());
         Ok(())
     }
 }
@@ -334,7 +334,7 @@ impl Comm {
                 Ok(event) => Some(event),
                 Err(error) => {
                     let _ = done.send(Err(error));
-                    return Pending(Some((receiver, self.failure.clone())));
+                    return Pending(Some((receiver, self.failure.clone(), group)));
                 }
             },
             _ => None,
@@ -342,7 +342,7 @@ impl Comm {
         // A send fails only if the worker has exited after a failure, which the returned
         // handle then reports.
         let _ = jobs.send(Job { group, op, ready, done });
-        Pending(Some((receiver, self.failure.clone())))
+        Pending(Some((receiver, self.failure.clone(), group)))
     }
 
     /// In place: `tensor` becomes the reduction of every rank's `tensor` over the group.
