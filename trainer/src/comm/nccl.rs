@@ -322,10 +322,35 @@ fn reduction(op: ReduceOp) -> nccl_sys::ncclRedOp_t {
 }
 
 /// Runs every collective through NCCL on `device` with a one-rank communicator and checks the
-/// results (the GPU check's round trip; no MPI involved). Returns one line per collective.
+/// results (the GPU check's round trip; no MPI involved). As in training, the NCCL state lives
+/// on a thread of its own: this thread records `ready`, that one launches and returns `done`,
+/// and this thread's compute stream waits for it before reading. Returns one line per collective.
 pub fn self_test(device: usize) -> Result<Vec<String>> {
-    let mut nccl = Nccl::new(device)?;
-    let comm = nccl.communicator(GroupKind::World, 0, 1, device, |_| Ok(()))?;
+    let (to_nccl, launches) = std::sync::mpsc::channel::<(Op, Event)>();
+    let (to_compute, dones) = std::sync::mpsc::channel::<Result<Event>>();
+    let (set_up, setup) = std::sync::mpsc::channel::<Result<()>>();
+    let launcher = std::thread::spawn(move || {
+        let state = Nccl::new(device).and_then(|mut nccl| {
+            let comm = nccl.communicator(GroupKind::World, 0, 1, device, |_| Ok(()))?;
+            Ok((nccl, comm))
+        });
+        let (nccl, comm) = match state {
+            Ok(state) => state,
+            Err(error) => {
+                let _ = set_up.send(Err(error));
+                return;
+            }
+        };
+        let _ = set_up.send(Ok(()));
+        // Every op (with its tensors) stays alive until the thread ends, after the last `done`.
+        let mut in_flight = Vec::new();
+        for (op, ready) in launches {
+            let _ = to_compute.send(nccl.launch(comm, &op, Some(&ready)));
+            in_flight.push(op);
+        }
+    });
+    // No CUDA tensor before NCCL and the driver are known to be there: libtorch would panic.
+    setup.recv().context("the NCCL thread stopped")??;
     let cuda = tch::Device::Cuda(device);
     let mut lines = Vec::new();
     for kind in [Kind::BFloat16, Kind::Float, Kind::Double, Kind::Int64] {
@@ -339,16 +364,19 @@ pub fn self_test(device: usize) -> Result<Vec<String>> {
         ];
         for (name, op) in ops {
             op.check(1)?;
-            let ready = Event::on_compute_stream(device)?;
-            let done = nccl.launch(comm, &op, Some(&ready))?;
-            done.block_compute_stream(device)?;
             let (_, result) = op.tensors().expect("tensor collectives");
-            let equal = result.to_kind(Kind::Double).equal(&values.to_kind(Kind::Double));
-            if !equal {
+            let result = result.shallow_clone();
+            let ready = Event::on_compute_stream(device)?;
+            to_nccl.send((op, ready)).map_err(|_| anyhow::anyhow!("the NCCL thread stopped"))?;
+            let done = dones.recv().context("the NCCL thread stopped")??;
+            done.block_compute_stream(device)?;
+            if !result.to_kind(Kind::Double).equal(&values.to_kind(Kind::Double)) {
                 bail!("NCCL {name} of {kind:?} on cuda:{device} changed the data of a one-rank group");
             }
             lines.push(format!("nccl {name} {kind:?} 1Mi elements: ok"));
         }
     }
+    drop(to_nccl);
+    launcher.join().map_err(|_| anyhow::anyhow!("the NCCL thread panicked"))?;
     Ok(lines)
 }
