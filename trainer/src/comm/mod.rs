@@ -112,16 +112,79 @@ enum Op {
     Mpi(Box<dyn FnOnce(&SimpleCommunicator) + Send>),
 }
 
-impl Op {
-    fn describe(&self) -> String {
-        let of = |t: &Tensor| format!("{} {:?} elements on {:?}", t.numel(), t.kind(), t.device());
+/// A collective in plain values, kept while it runs so that a failure or timeout can be
+/// described (the text is only formatted then, never on the way of a collective).
+#[derive(Debug, Clone, Copy)]
+enum Summary {
+    AllReduce(ReduceOp, Buffer),
+    ReduceScatter(Buffer),
+    AllGather(Buffer),
+    Broadcast(usize, Buffer),
+    Barrier,
+    Mpi,
+}
+
+/// The elements, dtype and device of a collective's buffer.
+#[derive(Debug, Clone, Copy)]
+struct Buffer(usize, tch::Kind, Device);
+
+impl Buffer {
+    fn of(tensor: &Tensor) -> Buffer {
+        Buffer(tensor.numel(), tensor.kind(), tensor.device())
+    }
+}
+
+impl std::fmt::Display for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?} elements on {:?}", self.0, self.1, self.2)
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Op::AllReduce { tensor, op } => format!("all_reduce({op:?}) of {}", of(tensor)),
-            Op::ReduceScatter { input, .. } => format!("reduce_scatter of {}", of(input)),
-            Op::AllGather { output, .. } => format!("all_gather into {}", of(output)),
-            Op::Broadcast { tensor, root } => format!("broadcast from {root} of {}", of(tensor)),
-            Op::Barrier => "barrier".into(),
-            Op::Mpi(_) => "direct MPI calls".into(),
+            Summary::AllReduce(op, buffer) => write!(f, "all_reduce({op:?}) of {buffer}"),
+            Summary::ReduceScatter(buffer) => write!(f, "reduce_scatter of {buffer}"),
+            Summary::AllGather(buffer) => write!(f, "all_gather into {buffer}"),
+            Summary::Broadcast(root, buffer) => write!(f, "broadcast from {root} of {buffer}"),
+            Summary::Barrier => write!(f, "barrier"),
+            Summary::Mpi => write!(f, "direct MPI calls"),
+        }
+    }
+}
+
+/// Who failed where: the rank's place, the collective and its group.
+fn context(topology: Topology, group: GroupKind, summary: Summary) -> String {
+    let t = topology;
+    format!(
+        "rank {} (tensor-parallel rank {}/{}, data-parallel rank {}/{}): {summary} in the {} group",
+        t.rank,
+        t.tensor.rank,
+        t.tensor.size,
+        t.data.rank,
+        t.data.size,
+        group.name()
+    )
+}
+
+/// The message of a collective that has not completed within `timeout`.
+fn timed_out(context: &str, timeout: Duration) -> String {
+    format!(
+        "{context}: timed out after {:.1}s (parallel.collective_timeout_s): a peer rank has died, hangs or runs \
+         another operation",
+        timeout.as_secs_f64()
+    )
+}
+
+impl Op {
+    fn summary(&self) -> Summary {
+        match self {
+            Op::AllReduce { tensor, op } => Summary::AllReduce(*op, Buffer::of(tensor)),
+            Op::ReduceScatter { input, .. } => Summary::ReduceScatter(Buffer::of(input)),
+            Op::AllGather { output, .. } => Summary::AllGather(Buffer::of(output)),
+            Op::Broadcast { tensor, root } => Summary::Broadcast(*root, Buffer::of(tensor)),
+            Op::Barrier => Summary::Barrier,
+            Op::Mpi(_) => Summary::Mpi,
         }
     }
 
@@ -433,7 +496,8 @@ fn communication_thread(
     let _ = ready.send(Ok(topology));
     let busy = Arc::new(Busy::default());
     let watched = Arc::downgrade(&busy);
-    if let Err(error) = std::thread::Builder::new().name("watchdog".into()).spawn(move || watchdog(watched, timeout)) {
+    let watch = move || watchdog(watched, topology, timeout);
+    if let Err(error) = std::thread::Builder::new().name("watchdog".into()).spawn(watch) {
         let _ = failure.set(format!("cannot start the collectives' watchdog: {error}"));
         return;
     }
@@ -470,20 +534,16 @@ struct InFlight {
 
 /// What the communication thread is blocked in, and since when (read by the watchdog).
 #[derive(Default)]
-struct Busy(Mutex<Option<(Instant, String)>>);
+struct Busy(Mutex<Option<(Instant, GroupKind, Summary)>>);
 
 /// Ends the process when the communication thread has been blocked in one call for longer
 /// than `timeout` (a blocking MPI call cannot be cancelled); stops with the thread.
-fn watchdog(busy: Weak<Busy>, timeout: Duration) {
+fn watchdog(busy: Weak<Busy>, topology: Topology, timeout: Duration) {
     let tick = (timeout / 20).clamp(Duration::from_millis(10), Duration::from_secs(1));
     while let Some(busy) = busy.upgrade() {
-        if let Some((since, what)) = &*busy.0.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some((since, group, summary)) = *busy.0.lock().unwrap_or_else(|e| e.into_inner()) {
             if since.elapsed() > timeout {
-                let message = format!(
-                    "error: {what}: timed out after {:.1}s (parallel.collective_timeout_s): a peer rank has died, \
-                     hangs or runs another operation\n",
-                    timeout.as_secs_f64()
-                );
+                let message = format!("error: {}\n", timed_out(&context(topology, group, summary), timeout));
                 let _ = std::io::stdout().flush();
                 // One write, like main's final error line, so that mpirun's tagging keeps it whole.
                 let _ = std::io::stderr().write_all(message.as_bytes());
@@ -532,10 +592,9 @@ impl Worker {
                     }
                 }
             };
-            let (group, done) = (job.group, job.done.clone());
-            let context = self.context(group, &job.op);
-            *self.busy.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), context.clone()));
-            let result = self.execute(job).with_context(|| context);
+            let (group, summary, done) = (job.group, job.op.summary(), job.done.clone());
+            *self.busy.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), group, summary));
+            let result = self.execute(job).with_context(|| context(self.topology, group, summary));
             *self.busy.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
             match result {
                 Ok(completion) => {
@@ -591,11 +650,7 @@ impl Worker {
                 let finished = self.in_flight.pop_front().expect("front exists");
                 self.observe(finished.group, &finished.op, finished.launched.elapsed());
             } else if front.launched.elapsed() > self.timeout {
-                bail!(
-                    "{}: timed out after {:.1}s (parallel.collective_timeout_s): a peer rank has died, hangs or runs another operation",
-                    self.context(front.group, &front.op),
-                    self.timeout.as_secs_f64()
-                );
+                bail!(timed_out(&context(self.topology, front.group, front.op.summary()), self.timeout));
             } else {
                 return Ok(());
             }
@@ -607,21 +662,6 @@ impl Worker {
         if let Some(observer) = self.observer.get() {
             observer.record(group, op.name(), elapsed, op.bytes());
         }
-    }
-
-    /// Who failed where, for error messages.
-    fn context(&self, group: GroupKind, op: &Op) -> String {
-        let t = self.topology;
-        format!(
-            "rank {} (tensor-parallel rank {}/{}, data-parallel rank {}/{}): {} in the {} group",
-            t.rank,
-            t.tensor.rank,
-            t.tensor.size,
-            t.data.rank,
-            t.data.size,
-            op.describe(),
-            group.name()
-        )
     }
 }
 
