@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-#: GPU check on a machine with torch 2.11 (CUDA 13) and no Rust: the NCCL round trip of every collective on a CUDA device, then a few bf16 training steps of the 1B preset, reporting tokens/s, MFU and peak memory.
+#: GPU check on a machine with torch 2.11 (CUDA 13) and no Rust: NCCL self test, llama-1b bf16 against PyTorch eager and torch.compile, 4 layers of the 7B shape with recomputation, a run whose loss falls; one table.
 #
 # Here (with Rust): scripts/gpu-bundle, then carry .gpu to the GPU machine with the repository.
 # There:            scripts/gpu-check.sh   (PYTHON picks the python whose torch to use; results in $OUT or /tmp/gpu-check)
+# Stages (STAGES, in this order by default; each under its own time limit, a failed one does not stop the rest):
+#   nccl     every collective's NCCL round trip through a one-rank communicator
+#   train    STEPS steps of CONFIG (llama-1b) in bf16: tokens/s, MFU, phases, peak memory, and the loss must fall
+#   eager    the same shape, batch and steps in PyTorch eager (transformers, bf16 autocast, fused AdamW)
+#   7b       4 layers of the 7B shape at seq 4096, micro-batch 1, with recomputation: MFU and peak memory
+#   compile  as eager, through torch.compile
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# CONFIG and DEVICE=cpu (with a small config) dry-run the script on a machine without a GPU.
-BUNDLE=${BUNDLE:-.gpu} STEPS=${STEPS:-8} WARMUP=${WARMUP:-3} MICRO_BATCH=${MICRO_BATCH:-4} ACCUMULATION=${ACCUMULATION:-2}
-CONFIG=${CONFIG:-configs/llama-1b.toml} DEVICE=${DEVICE:-cuda}
+# CONFIG and DEVICE=cpu (with a small config and STAGES without compile/7b) dry-run it on a machine without a GPU.
+BUNDLE=${BUNDLE:-.gpu} STEPS=${STEPS:-50} WARMUP=${WARMUP:-5} MICRO_BATCH=${MICRO_BATCH:-4} ACCUMULATION=${ACCUMULATION:-2}
+CONFIG=${CONFIG:-configs/llama-1b.toml} DEVICE=${DEVICE:-cuda} STAGES=${STAGES:-nccl train eager 7b compile}
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 python=${PYTHON:-python3}
@@ -26,43 +32,46 @@ done
 nvidia_libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | paste -sd:)
 export LD_LIBRARY_PATH="$links:$torch_dir/lib:$nvidia_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 trainer=$(realpath "$BUNDLE/bin/trainer")
-status=0
+seq_len=$("$python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["train"]["seq_len"])' "$CONFIG")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$out/gpu.txt"
+"$trainer" env 2>&1 | tee "$out/env.txt"
 
-echo "== trainer env"
-"$trainer" env 2>&1 | tee "$out/env.txt" || status=1
+# stage NAME LIMIT_S COMMAND...: runs COMMAND under a time limit with its output in $out/NAME.txt,
+# sampling the GPU's used memory into $out/NAME.memory, and records its exit status in $out/NAME.status.
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    [[ " $STAGES " == *" $name "* ]] || return 0
+    echo "== $name"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$out/$name.memory" 2>/dev/null &
+    local sampler=$!
+    timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" > >(tee "$out/$name.txt") 2>&1
+    echo $? >"$out/$name.status"
+    kill "$sampler" 2>/dev/null
+    wait "$sampler" 2>/dev/null
+}
 
-echo "== NCCL round trip of every collective (one-rank communicator on cuda:0)"
-"$trainer" check-nccl 2>&1 | tee "$out/check-nccl.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+train() { # RUN_NAME CONFIG STEPS MICRO_BATCH ACCUMULATION [--set KEY=VALUE...]
+    local run=$1 config=$2 steps=$3 micro=$4 accumulation=$5
+    shift 5
+    "$trainer" train --config "$config" --set "train.device=$DEVICE" --set "data.path=$BUNDLE/data/fortunes" \
+        --set "train.run_dir=$out/$run" --set "train.steps=$steps" --set "train.micro_batch=$micro" \
+        --set "train.global_batch=$((micro * accumulation))" --set train.eval_every=0 --set train.log_every=1 \
+        --set train.sample_tokens=0 --set checkpoint.save_final=false "$@"
+}
 
-echo "== $STEPS steps of $CONFIG on $DEVICE (micro-batch $MICRO_BATCH x $ACCUMULATION)"
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$out/memory.csv" 2>/dev/null &
-sampler=$!
-"$trainer" train --config "$CONFIG" --set "train.device=$DEVICE" \
-    --set "data.path=$BUNDLE/data/fortunes" --set "train.run_dir=$out/run" --set "train.steps=$STEPS" \
-    --set "train.micro_batch=$MICRO_BATCH" --set "train.global_batch=$((MICRO_BATCH * ACCUMULATION))" \
-    --set train.eval_every=0 --set train.log_every=1 --set train.sample_tokens=0 \
-    --set checkpoint.save_final=false 2>&1 | tee "$out/train.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-kill "$sampler" 2>/dev/null
-wait "$sampler" 2>/dev/null
+reference() { # [--compile]: the PyTorch reference on CONFIG's shape, batch and sequence length
+    "$python" scripts/bench_torch.py --config "$CONFIG" --device "$DEVICE" --batch "$MICRO_BATCH" \
+        --accumulation "$ACCUMULATION" --seq "$seq_len" --threads "$(nproc)" "$@"
+}
 
-"$python" - "$out" "$WARMUP" "$CONFIG" <<'PY' || status=1
-import json, statistics, sys
-from pathlib import Path
-out, warmup, config = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-records = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-assert len(records) > warmup, f"only {len(records)} steps ran"
-timed = records[warmup:]
-memory = [int(v) for v in (out / "memory.csv").read_text().split() if v.strip().isdigit()]
-print(f"{config}, after {warmup} warm-up steps, median of {len(timed)}:")
-print(f"  tokens/s {statistics.median(r['tokens_per_s'] for r in timed):,.0f}")
-print(f"  MFU      {statistics.median(r['mfu'] for r in timed):.3f} (of metrics.peak_flops; 989 TFLOP/s dense bf16 on a GPU)")
-print(f"  step     {statistics.median(r['step_seconds'] for r in timed):.3f} s; phases "
-      + ", ".join(f"{k} {statistics.median(r['phase_seconds'][k] for r in timed):.3f}" for k in timed[0]["phase_seconds"]))
-print(f"  peak GPU memory used {max(memory, default=0) / 1024:.1f} GiB (nvidia-smi, sampled every 100 ms)")
-print(f"  losses {[round(r['loss'], 3) for r in records]}")
-PY
-echo "gpu-check: $([ $status -eq 0 ] && echo passed || echo FAILED)"
-exit $status
+export trainer out python seq_len BUNDLE DEVICE CONFIG MICRO_BATCH ACCUMULATION
+export -f train reference
+stage nccl 60 "$trainer" check-nccl
+stage train 200 train train "$CONFIG" "$STEPS" "$MICRO_BATCH" "$ACCUMULATION" --set optim.warmup_steps=10
+stage eager 120 reference --steps 15 --warmup "$WARMUP"
+stage 7b 120 train 7b configs/llama-7b.toml 8 1 1 --set model.n_layers=4 --set parallel.tensor=1 \
+    --set train.seq_len=4096 --set train.recompute=true
+stage compile 240 reference --compile --steps 25 --warmup 15
+
+"$python" scripts/gpu_check_table.py "$out" "$WARMUP" "$CONFIG" "$STAGES"
