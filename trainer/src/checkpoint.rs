@@ -211,8 +211,8 @@ struct PendingSave {
 }
 
 /// Saves and commits checkpoints for one run: `save` copies this rank's state to host
-/// memory and writes it (in the background when asynchronous); `poll` (every step, on every
-/// rank) commits a save once every rank has written its files.
+/// memory and writes it (in the background when asynchronous); `settle` (every step, on every
+/// rank, with every rank's `status` combined) commits a save once every rank has written its files.
 pub struct Checkpointer {
     root: PathBuf,
     keep_last: usize,
@@ -225,6 +225,13 @@ impl std::fmt::Debug for Checkpointer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpointer").field("root", &self.root).finish()
     }
+}
+
+/// Where a rank's part of a pending save stands (both false when none is pending).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaveStatus {
+    pub writing: bool,
+    pub failed: bool,
 }
 
 /// What a completed save reports.
@@ -315,33 +322,38 @@ impl Checkpointer {
         }
     }
 
-    /// Commits the pending save if every rank has written its files (never waits for the
-    /// writes). Collective: every rank calls it at every step.
-    pub fn poll(&mut self, comm: &Comm) -> Result<Option<SaveReport>> {
-        self.settle(comm, false)
+    /// This rank's part of a pending save, without waiting for its writes: the training loop
+    /// combines every rank's into the step's one all-reduce and hands the result to [`Self::settle`].
+    pub fn status(&mut self) -> SaveStatus {
+        self.local_status(false)
     }
 
     /// Waits for the pending save, if any, and commits it. Collective.
     pub fn finish(&mut self, comm: &Comm) -> Result<Option<SaveReport>> {
-        self.settle(comm, true)
+        let local = self.local_status(true);
+        let flags = Tensor::from_slice(&[f64::from(u8::from(local.writing)), f64::from(u8::from(local.failed))]);
+        comm.all_reduce(GroupKind::World, &flags, ReduceOp::Max).wait()?;
+        let agreed = SaveStatus { writing: flags.double_value(&[0]) > 0.0, failed: flags.double_value(&[1]) > 0.0 };
+        self.settle(comm, agreed)
     }
 
-    fn settle(&mut self, comm: &Comm, wait: bool) -> Result<Option<SaveReport>> {
-        let Some(pending) = self.pending.as_mut() else { return Ok(None) };
+    /// Joins the background writer once it is done (or, with `wait`, until it is).
+    fn local_status(&mut self, wait: bool) -> SaveStatus {
+        let Some(pending) = self.pending.as_mut() else { return SaveStatus::default() };
         if let Some(writer) = pending.writer.take_if(|w| wait || w.is_finished()) {
             pending.result =
                 Some(writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer panicked"))));
         }
-        // [still writing, failed], maximised over all ranks.
-        let status = Tensor::from_slice(&[
-            f64::from(u8::from(pending.result.is_none())),
-            f64::from(u8::from(matches!(pending.result, Some(Err(_))))),
-        ]);
-        comm.all_reduce(GroupKind::World, &status, ReduceOp::Max).wait()?;
-        let (writing, failed) = (status.double_value(&[0]) > 0.0, status.double_value(&[1]) > 0.0);
-        if writing {
+        SaveStatus { writing: pending.result.is_none(), failed: matches!(pending.result, Some(Err(_))) }
+    }
+
+    /// Commits the pending save once no rank is still writing, given every rank's
+    /// [`SaveStatus`] combined (any rank writing, any rank failed). Collective.
+    pub fn settle(&mut self, comm: &Comm, agreed: SaveStatus) -> Result<Option<SaveReport>> {
+        if self.pending.is_none() || agreed.writing {
             return Ok(None);
         }
+        let failed = agreed.failed;
         let pending = self.pending.take().expect("a pending save");
         let bytes = match pending.result {
             Some(Ok(bytes)) => bytes,

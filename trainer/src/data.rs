@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use data_shards::{DataCursor, RankLoader, Split, TokenDataset, WindowSampler};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Debug)]
 pub struct TrainData {
@@ -80,9 +80,15 @@ impl TrainData {
     }
 
     /// This rank's share of the next global batch: [global_batch / dp, seq_len + 1] token ids.
+    /// On CUDA the copy goes through pinned memory without blocking the host (a copy from
+    /// pageable memory would wait for every kernel queued before it).
     pub fn next_batch(&mut self, global_batch: i64) -> Tensor {
         let tokens = self.loader.next_batch(global_batch as usize);
-        Tensor::from_slice(&tokens).view([-1, self.window]).to_device(self.device)
+        let tokens = Tensor::from_slice(&tokens).view([-1, self.window]);
+        match self.device {
+            Device::Cuda(_) => tokens.pin_memory(self.device).to_device_(self.device, Kind::Int64, true, false),
+            _ => tokens,
+        }
     }
 
     /// This data-parallel rank's share of the validation windows (the same ones every

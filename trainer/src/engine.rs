@@ -14,6 +14,7 @@ use crate::comm::{Comm, GroupKind, ReduceOp};
 use crate::config::ModelConfig;
 use crate::model::{Llama, SegmentKind, TpShard};
 use crate::params::FlatParams;
+use crate::timing::{lap, Phase};
 use anyhow::Result;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -53,13 +54,14 @@ impl Engine {
     /// the whole step, so gradients of micro-batches add up to the step's mean). Gradients
     /// are added to the flat gradient buffer; `grads_final(segment)` is called as soon as a
     /// segment's backward is done, when `Some` (on the step's last micro-batch). Returns
-    /// this micro-batch's share of the loss.
+    /// this micro-batch's share of the loss, a scalar on the device (read nothing back here:
+    /// on CUDA that would stall the host until the GPU has caught up).
     pub fn forward_backward(
         &self,
         tokens: &Tensor,
         loss_denominator: f64,
         mut grads_final: Option<&mut dyn FnMut(usize)>,
-    ) -> Result<f64> {
+    ) -> Result<Tensor> {
         let seq = tokens.size()[1] - 1;
         let (input, targets) = (tokens.narrow(1, 0, seq), tokens.narrow(1, 1, seq));
         let last = self.kinds.len() - 1;
@@ -76,7 +78,7 @@ impl Engine {
         let head_input = stream.set_requires_grad(true);
         let logits = self.model.segment_forward(last, SegmentKind::Head, &head_input);
         let loss = self.loss_sum(&logits, &targets)? / loss_denominator;
-        crate::metrics::lap(crate::metrics::Phase::Forward);
+        lap(Phase::Forward);
 
         let mut notify = |segment: usize| {
             if let Some(f) = grads_final.as_mut() {
@@ -99,8 +101,8 @@ impl Engine {
         }
         self.backward_segment(0, &(embedded * grad).sum(None), None)?;
         notify(0);
-        crate::metrics::lap(crate::metrics::Phase::Backward);
-        Ok(loss.double_value(&[]))
+        lap(Phase::Backward);
+        Ok(loss.detach())
     }
 
     /// Backpropagates the scalar `objective` into `segment`'s parameter gradients and

@@ -2,6 +2,7 @@
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
+pub mod cuda;
 pub mod data;
 pub mod engine;
 pub mod hf;
@@ -11,5 +12,9 @@ pub mod optim;
 pub mod params;
 pub mod preempt;
 pub mod report;
+pub mod step_sync;
+pub mod timing;
+pub mod topology;
+pub mod torch_ext;
 pub mod train;
 pub mod zero;

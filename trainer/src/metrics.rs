@@ -1,57 +1,29 @@
-//! Prometheus metrics of one rank: the registry the training loop updates, per-step phase timing, and the `/metrics` HTTP endpoint served from its own thread.
+//! Prometheus metrics of one rank: the registry the training loop updates and the `/metrics` HTTP endpoint served from its own thread.
 //!
 //! The training loop only touches atomics (`prometheus` gauges, counters and histograms are
 //! lock-free to update); a scrape gathers and encodes them on the server thread, which runs a
 //! single-threaded tokio runtime, so a scrape never blocks a step. The communication thread
 //! adds the time and size of every collective through [`crate::comm::CollectiveObserver`].
-//!
-//! Phase timing is a per-thread clock: [`reset_phases`] at the start of a step, [`lap`] at the
-//! end of each phase (the engine laps forward and backward itself), and every wait of the
-//! training thread on a collective ([`record_wait`], called by `Pending::wait`) is moved from
-//! the phase it happened in to `communication`, so the phases add up to the step time.
+//! Step phases come from the phase clock in [`crate::timing`].
 use crate::comm::{CollectiveObserver, Comm, GroupKind, Topology};
 use crate::config::{Config, MetricsConfig};
+use crate::timing::{GROUPS, PHASES};
 use crate::train::StepRecord;
 use anyhow::{bail, Context, Result};
 use prometheus::{
     exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry, TextEncoder,
 };
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tracing::{info, warn, Instrument, Span};
 
-/// The parts of a training step, in `trainer_step_phase_seconds{phase=...}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Waiting for the next batch from the loader.
-    DataWait,
-    /// Forward passes of the step's micro-batches (less collective waits).
-    Forward,
-    /// Backward passes (less collective waits).
-    Backward,
-    /// Time the training thread spends blocked on collectives.
-    Communication,
-    /// Gradient norm, clipping and the AdamW update (less collective waits).
-    Optimizer,
-}
-
-/// Label values of [`Phase`], in order.
-pub const PHASES: [&str; 5] = ["data_wait", "forward", "backward", "communication", "optimizer"];
-
-/// Seconds spent in each [`Phase`] during one step.
-pub type PhaseSeconds = [f64; 5];
-
 /// Label values of the collective operations, as `comm.rs` names them.
 pub const OPERATIONS: [&str; 5] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"];
-
-/// Label values of the process groups.
-pub const GROUPS: [&str; 3] = ["tensor", "data", "world"];
 
 /// Peak FLOP/s assumed per CPU thread when `metrics.peak_flops` is unset: about one x86 core's
 /// fp32 peak with AVX2 (2 FMA units x 8 lanes x 2 FLOP x 3 GHz).
@@ -59,72 +31,6 @@ pub const CPU_PEAK_FLOPS_PER_THREAD: f64 = 1e11;
 
 /// Peak FLOP/s assumed per GPU when `metrics.peak_flops` is unset: H100/H200 SXM dense bf16.
 pub const GPU_PEAK_FLOPS: f64 = 989e12;
-
-/// Seconds the training thread waited on collectives of each group, in [`GROUPS`] order.
-pub type GroupSeconds = [f64; 3];
-
-struct PhaseClock {
-    last: Instant,
-    waited: f64,
-    seconds: PhaseSeconds,
-    waited_by_group: GroupSeconds,
-}
-
-thread_local! {
-    static CLOCK: RefCell<PhaseClock> = RefCell::new(PhaseClock {
-        last: Instant::now(),
-        waited: 0.0,
-        seconds: [0.0; 5],
-        waited_by_group: [0.0; 3],
-    });
-}
-
-/// Starts timing a step on this thread (discards whatever was timed before).
-pub fn reset_phases() {
-    CLOCK.with_borrow_mut(|clock| {
-        clock.last = Instant::now();
-        clock.waited = 0.0;
-        clock.seconds = [0.0; 5];
-        clock.waited_by_group = [0.0; 3];
-    });
-}
-
-/// Ends a stretch of `phase`: the time since the previous lap goes to `phase`, except the time
-/// spent waiting on collectives meanwhile, which goes to [`Phase::Communication`].
-pub fn lap(phase: Phase) {
-    CLOCK.with_borrow_mut(|clock| {
-        let now = Instant::now();
-        let elapsed = now.duration_since(clock.last).as_secs_f64();
-        let waited = clock.waited.min(elapsed);
-        clock.seconds[phase as usize] += elapsed - waited;
-        clock.seconds[Phase::Communication as usize] += waited;
-        clock.last = now;
-        clock.waited = 0.0;
-    });
-}
-
-/// Counts `waited` as time this thread was blocked on a collective of `group`.
-pub fn record_wait(group: GroupKind, waited: Duration) {
-    CLOCK.with_borrow_mut(|clock| {
-        clock.waited += waited.as_secs_f64();
-        clock.waited_by_group[group as usize] += waited.as_secs_f64();
-    });
-}
-
-/// Writes phase times as a JSON object keyed by [`PHASES`] (in `metrics.jsonl`).
-pub fn serialize_phases<S: serde::Serializer>(phases: &PhaseSeconds, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_map(PHASES.iter().zip(phases))
-}
-
-/// Writes wait times as a JSON object keyed by [`GROUPS`] (in `metrics.jsonl`).
-pub fn serialize_groups<S: serde::Serializer>(waits: &GroupSeconds, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_map(GROUPS.iter().zip(waits))
-}
-
-/// The phase times and the waits by group since [`reset_phases`], resetting them.
-pub fn take_phases() -> (PhaseSeconds, GroupSeconds) {
-    CLOCK.with_borrow_mut(|clock| (std::mem::take(&mut clock.seconds), std::mem::take(&mut clock.waited_by_group)))
-}
 
 impl MetricsConfig {
     /// Checks the `[metrics]` section.
@@ -670,6 +576,7 @@ async fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::timing::{Phase, PhaseSeconds};
     use std::io::{Read, Write};
 
     const TINY: &str = include_str!("../../configs/tiny.toml");
@@ -691,6 +598,7 @@ mod tests {
             mfu: 0.25,
             phase_seconds,
             wait_seconds,
+            host_syncs: 1,
             val_loss,
         }
     }
@@ -705,22 +613,6 @@ mod tests {
 
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    }
-
-    #[test]
-    fn phases_add_up_and_waits_count_as_communication() {
-        reset_phases();
-        std::thread::sleep(Duration::from_millis(20));
-        lap(Phase::DataWait);
-        std::thread::sleep(Duration::from_millis(30));
-        record_wait(GroupKind::Data, Duration::from_millis(10));
-        lap(Phase::Forward);
-        let (phases, waits) = take_phases();
-        assert_eq!(waits, [0.0, 0.01, 0.0]);
-        assert!(phases[Phase::DataWait as usize] >= 0.02, "{phases:?}");
-        assert!((phases[Phase::Communication as usize] - 0.01).abs() < 1e-9, "{phases:?}");
-        assert!(phases[Phase::Forward as usize] >= 0.02 && phases[Phase::Forward as usize] < 0.2, "{phases:?}");
-        assert_eq!(take_phases(), ([0.0; 5], [0.0; 3]));
     }
 
     /// The value of the sample `name` whose labels include `labels`, from exposition text.

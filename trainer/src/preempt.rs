@@ -1,9 +1,7 @@
 //! Preemption: a signal (SIGTERM or SIGUSR1 by default) asks the run to finish its step, save a checkpoint and exit with a "requeue" status.
-use crate::comm::{Comm, GroupKind, ReduceOp};
 use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tch::Tensor;
 
 /// The exit status of a preempted run (BSD's EX_TEMPFAIL): the launcher and the Slurm
 /// script requeue on it instead of counting a failure.
@@ -30,7 +28,6 @@ pub fn check_signal_names(names: &[String]) -> Result<()> {
 #[derive(Debug)]
 pub struct Preemption {
     requested: Arc<AtomicBool>,
-    enabled: bool,
 }
 
 impl Preemption {
@@ -42,17 +39,13 @@ impl Preemption {
             let (_, number) = SIGNALS.iter().find(|(n, _)| n == name).expect("checked above");
             signal_hook::flag::register(*number, requested.clone()).with_context(|| format!("cannot handle {name}"))?;
         }
-        Ok(Preemption { requested, enabled: !signals.is_empty() })
+        Ok(Preemption { requested })
     }
 
-    /// Whether any rank has received a preemption signal. Collective (every rank calls it at
-    /// every step), so all ranks stop after the same step even if only one was signalled.
-    pub fn agreed(&self, comm: &Comm) -> Result<bool> {
-        if !self.enabled {
-            return Ok(false);
-        }
-        let flag = Tensor::from(f64::from(u8::from(self.requested.load(Ordering::Relaxed))));
-        comm.all_reduce(GroupKind::World, &flag, ReduceOp::Max).wait()?;
-        Ok(flag.double_value(&[]) > 0.0)
+    /// Whether this rank has received a preemption signal. Every rank's answer goes into the
+    /// step's one all-reduce, so that all ranks stop after the same step even if only one
+    /// was signalled.
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
     }
 }

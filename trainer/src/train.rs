@@ -1,15 +1,17 @@
 //! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
-use crate::checkpoint::{load_optimizer, load_params, Checkpointer, Reader, SaveReport};
+use crate::checkpoint::{load_optimizer, load_params, Checkpointer, Reader, SaveReport, SaveStatus};
 use crate::comm::{wait_all, Comm, GroupKind};
 use crate::config::Config;
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
 use crate::hf;
-use crate::metrics::{lap, reset_phases, take_phases, GroupSeconds, Metrics, Phase, PhaseSeconds};
+use crate::metrics::Metrics;
 use crate::model::{segment_specs, TpShard};
 use crate::optim::learning_rate;
 use crate::params::FlatParams;
 use crate::preempt::{Preemption, REQUEUE_EXIT_CODE};
+use crate::step_sync::{StepScalars, StepTotals, SyncCounter};
+use crate::timing::{lap, reset_phases, take_phases, GroupSeconds, Phase, PhaseSeconds};
 use crate::zero::DistOptimizer;
 use anyhow::{Context, Result};
 use data_shards::DataCursor;
@@ -32,11 +34,14 @@ pub struct StepRecord {
     /// Model FLOPs utilization (see [`Metrics::mfu`]).
     pub mfu: f64,
     /// Seconds of the step by phase (data wait, forward, backward, communication wait, optimizer).
-    #[serde(serialize_with = "crate::metrics::serialize_phases")]
+    #[serde(serialize_with = "crate::timing::serialize_phases")]
     pub phase_seconds: PhaseSeconds,
     /// Of the communication phase: seconds waited on each group's collectives (tensor, data, world).
-    #[serde(serialize_with = "crate::metrics::serialize_groups")]
+    #[serde(serialize_with = "crate::timing::serialize_groups")]
     pub wait_seconds: GroupSeconds,
+    /// Host synchronizations from the step's start to its record (see [`crate::step_sync`]):
+    /// one, where the step's scalars are read, unless something else stalls the host.
+    pub host_syncs: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
 }
@@ -121,23 +126,30 @@ pub fn train(config: &Config) -> Result<Outcome> {
     }
 
     let preemption = Preemption::install(&t.preempt_signals)?;
+    let tp = topology.tensor.size as f64;
+    let mut syncs = SyncCounter::start(device)?;
     let mut preempted = false;
     for step in first_step..t.steps {
         let start = Instant::now();
-        reset_phases();
+        reset_phases(device);
         let batch = data.next_batch(t.global_batch);
         lap(Phase::DataWait);
         let overlap = config.parallel.overlap_grad_reduce;
         let loss = forward_backward_step(&engine, &optimizer, &batch, t.micro_batch, step_tokens, overlap)?;
-        let loss = comm.sum_scalar(GroupKind::Data, loss)?;
+        // Shares of the totals (every tensor-parallel rank holds the same loss), and flags.
+        let shares = [loss / tp, optimizer.grad_norm_sq_share(&engine.params)];
+        let save = checkpointer.status();
+        let scalars = StepScalars::reduce(&comm, &shares, &[preemption.requested(), save.writing, save.failed])?;
         let lr = learning_rate(&config.optim, step, t.steps);
-        let grad_norm = optimizer.step(&engine.params, lr, config.optim.grad_clip)?;
+        optimizer.step(&engine.params, lr, config.optim.grad_clip, &scalars.sum(1))?;
+        let StepTotals { sums, flags } = scalars.read()?;
+        lap(Phase::Optimizer);
+        let step_seconds = start.elapsed().as_secs_f64();
+        let (loss, grad_norm) = (sums[0], if sums[1] < 0.0 { 0.0 } else { sums[1].sqrt() });
         if !grad_norm.is_finite() {
             metrics.record_skipped_step();
             tracing::warn!("step {}: gradient norm {grad_norm}, update skipped", step + 1);
         }
-        lap(Phase::Optimizer);
-        let step_seconds = start.elapsed().as_secs_f64();
 
         let done = step + 1;
         let last = done == t.steps || t.stop_at_step == Some(done);
@@ -146,27 +158,26 @@ pub fn train(config: &Config) -> Result<Outcome> {
         } else {
             None
         };
-        let tokens_per_s = step_tokens / step_seconds;
         let (phase_seconds, wait_seconds) = take_phases();
-        let mfu = metrics.mfu(step_seconds);
         let record = StepRecord {
             step: done,
             loss,
             lr,
             grad_norm,
-            tokens_per_s,
+            tokens_per_s: step_tokens / step_seconds,
             step_seconds,
-            mfu,
+            mfu: metrics.mfu(step_seconds),
             phase_seconds,
             wait_seconds,
+            host_syncs: syncs.count(),
             val_loss,
         };
         metrics.record_step(&record);
         if let Some(log) = log.as_mut() {
             log.write(&record, t.log_every, t.steps, last)?;
         }
-        preempted = preemption.agreed(&comm)?;
-        let saved = checkpointer.poll(&comm)?;
+        preempted = flags[0];
+        let saved = checkpointer.settle(&comm, SaveStatus { writing: flags[1], failed: flags[2] })?;
         let must_save = preempted || t.stop_at_step == Some(done) || (last && c.save_final);
         let previous = if must_save || (c.every > 0 && done % c.every == 0) {
             checkpointer.save(&comm, &engine.params, &optimizer, config, done, data.cursor())?
@@ -177,6 +188,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         if last || preempted {
             break;
         }
+        syncs = syncs.restart();
     }
     report_save(leader, &metrics, checkpointer.finish(&comm)?);
     if preempted {
@@ -292,7 +304,7 @@ impl StepLog {
 /// Forward and backward over this rank's micro-batches; on the last one, each segment's
 /// gradients start their data-parallel reduction as soon as they are final, overlapping
 /// the rest of the backward pass (or, without `overlap`, all of them after it). Returns
-/// this rank's share of the step's mean loss.
+/// this rank's share of the step's mean loss, a scalar on the device.
 fn forward_backward_step(
     engine: &Engine,
     optimizer: &DistOptimizer,
@@ -300,12 +312,12 @@ fn forward_backward_step(
     micro_batch: i64,
     step_tokens: f64,
     overlap: bool,
-) -> Result<f64> {
+) -> Result<Tensor> {
     engine.params.zero_grads();
     let micro_batches = batch.split(micro_batch, 0);
     let mut finished = Vec::new();
     let mut pending = Vec::new();
-    let mut loss = 0.0;
+    let mut loss = Tensor::zeros([], (Kind::Double, batch.device()));
     for (i, micro) in micro_batches.iter().enumerate() {
         let mut reduce = |segment: usize| match overlap {
             true => pending.extend(optimizer.reduce_segment(&engine.params, segment)),

@@ -7,12 +7,12 @@
 //! its chunks), and the new parameters are all-gathered back into every rank's flat buffer.
 use crate::comm::{wait_all, Comm, GroupKind, Pending, ReduceOp};
 use crate::config::OptimConfig;
-use crate::optim::{clip_scale, squared_norm, AdamW};
+use crate::optim::AdamW;
 use crate::params::{master_kind, FlatParams, Region};
 use anyhow::Result;
 use std::ops::Range;
 use std::sync::Arc;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// The part of a segment this rank's optimizer updates, and where it sits in the shard.
 #[derive(Debug, Clone)]
@@ -45,9 +45,10 @@ pub struct DistOptimizer {
     chunks: Vec<Chunk>,
     weights: Weights,
     adamw: AdamW,
-    /// Ranges (in the optimizer's coordinates) of parameters every tensor-parallel rank
-    /// holds whole: counted once in the gradient norm.
-    replicated: Vec<Range<i64>>,
+    /// On tensor-parallel ranks other than the first: the optimizer-coordinate indices of
+    /// parameters every tensor-parallel rank holds whole, left out of this rank's share of
+    /// the gradient norm so that they count once.
+    duplicates: Option<Tensor>,
 }
 
 /// The parts of `ranges` (flat coordinates) that fall in `chunks`, in shard coordinates.
@@ -101,13 +102,17 @@ impl DistOptimizer {
         } else {
             Weights::Flat
         };
-        let optimized = match &weights {
-            Weights::Flat => values.shallow_clone(),
-            Weights::Master(w) | Weights::Shard { weights: w, .. } => w.shallow_clone(),
+        let (optimized, grads) = match &weights {
+            Weights::Flat => (values, params.grads()),
+            Weights::Master(w) => (w, params.grads()),
+            Weights::Shard { weights, grads } => (weights, grads),
         };
-        let adamw = AdamW::new(config, &optimized, to_shard(&params.decay_ranges(), &chunks));
-        let replicated = to_shard(&params.replicated_ranges(), &chunks);
-        DistOptimizer { comm, chunks, weights, adamw, replicated }
+        let adamw = AdamW::new(config, optimized, grads, &to_shard(&params.decay_ranges(), &chunks));
+        let duplicates = (comm.topology.tensor.rank != 0)
+            .then(|| to_shard(&params.replicated_ranges(), &chunks).into_iter().flatten().collect::<Vec<i64>>())
+            .filter(|indices| !indices.is_empty())
+            .map(|indices| Tensor::from_slice(&indices).to_device(values.device()));
+        DistOptimizer { comm, chunks, weights, adamw, duplicates }
     }
 
     /// Starts the reduction of one segment's gradients, to be called once they are final
@@ -132,34 +137,50 @@ impl DistOptimizer {
         pending
     }
 
-    /// After every segment's reduction has completed: the global gradient norm (returned,
-    /// before clipping), clipping to `max_norm`, the AdamW update, and (ZeRO) the all-gather
-    /// of the updated parameters. A non-finite norm skips the update.
-    pub fn step(&mut self, params: &FlatParams, lr: f64, max_norm: f64) -> Result<f64> {
-        let grads = match &self.weights {
+    /// The gradients the optimizer reads (in the master dtype).
+    fn grads<'a>(&'a self, params: &'a FlatParams) -> &'a Tensor {
+        match &self.weights {
             Weights::Shard { grads, .. } => grads,
             Weights::Flat | Weights::Master(_) => params.grads(),
-        };
-        // bf16 gradients: norm, clipping and the update in the master dtype (no copy otherwise).
-        let grads = grads.to_kind(master_kind(grads.kind()));
-        let norm = self.global_grad_norm(&grads)?;
-        if !norm.is_finite() {
-            // Every rank sees the same global norm, so every rank skips this update.
-            return Ok(norm);
         }
-        let scale = clip_scale(norm, max_norm);
-        if scale < 1.0 {
-            let _ = grads.shallow_clone().g_mul_scalar_(scale);
-        }
-        let values = params.values();
-        match &mut self.weights {
-            Weights::Flat => self.adamw.step(&mut values.shallow_clone(), &grads, lr),
-            Weights::Master(master) => {
-                self.adamw.step(master, &grads, lr);
-                tch::no_grad(|| values.shallow_clone().copy_(master));
+    }
+
+    /// After every segment's reduction has completed: this rank's share of the squared global
+    /// gradient norm, a scalar on the device, such that the sum of every rank's share is the
+    /// square of the whole model's gradient norm (each element counted once).
+    pub fn grad_norm_sq_share(&self, params: &FlatParams) -> Tensor {
+        tch::no_grad(|| {
+            let grads = self.grads(params);
+            let mut share = grads.norm().square();
+            if let Some(duplicates) = &self.duplicates {
+                share -= grads.index_select(0, duplicates).norm().square();
             }
+            if !self.sharded() {
+                // Every data-parallel rank holds the whole (reduced) gradient.
+                share /= self.comm.topology.data.size as f64;
+            }
+            share
+        })
+    }
+
+    /// Clipping to `max_norm` given the squared global norm (a scalar on the device), the
+    /// AdamW update, and (ZeRO) the all-gather of the updated parameters, without reading
+    /// anything back to the host: a non-finite norm skips the update on the device.
+    pub fn step(&mut self, params: &FlatParams, lr: f64, max_norm: f64, norm_sq: &Tensor) -> Result<()> {
+        let norm = tch::no_grad(|| norm_sq.clamp_min(0.0).sqrt());
+        let skip = norm.isfinite().logical_not().to_kind(Kind::Float);
+        if max_norm > 0.0 {
+            let clip = tch::no_grad(|| (max_norm / (norm + 1e-6)).clamp_max(1.0));
+            let _ = self.grads(params).shallow_clone().g_mul_(&clip);
+        }
+        self.adamw.step(lr, &skip)?;
+        let values = params.values();
+        match &self.weights {
+            Weights::Flat => {}
+            Weights::Master(master) => tch::no_grad(|| {
+                values.shallow_clone().copy_(master);
+            }),
             Weights::Shard { weights, .. } => {
-                self.adamw.step(weights, &grads, lr);
                 let updated = weights.to_kind(values.kind());
                 let gathers = self.chunks.iter().enumerate().map(|(segment, chunk)| {
                     let local = updated.narrow(0, chunk.offset, chunk.len());
@@ -168,7 +189,7 @@ impl DistOptimizer {
                 wait_all(gathers.collect::<Vec<_>>())?;
             }
         }
-        Ok(norm)
+        Ok(())
     }
 
     /// Whether the state is sharded over the data-parallel group (ZeRO-1).
@@ -206,21 +227,5 @@ impl DistOptimizer {
             }
         }
         regions
-    }
-
-    /// L2 norm of the whole model's gradient: every element counted once over all ranks.
-    fn global_grad_norm(&self, grads: &Tensor) -> Result<f64> {
-        let topology = self.comm.topology;
-        let mut sum = squared_norm(grads);
-        if topology.tensor.rank != 0 {
-            sum -= self.replicated.iter().map(|r| squared_norm(&narrow(grads, r))).sum::<f64>();
-        }
-        let group = match self.weights {
-            Weights::Shard { .. } => GroupKind::World,
-            Weights::Flat | Weights::Master(_) => GroupKind::Tensor,
-        };
-        let total = self.comm.sum_scalar(group, sum)?;
-        // Rounding can leave a tiny negative total; NaN must survive (f64::max would drop it).
-        Ok(if total < 0.0 { 0.0 } else { total.sqrt() })
     }
 }

@@ -18,6 +18,9 @@ mod nccl;
 pub use mpi::raw as raw_mpi;
 pub use nccl::{self_test as nccl_self_test, version as nccl_version};
 
+use crate::cuda::Event;
+use crate::timing;
+pub use crate::topology::{Group, GroupKind, Topology};
 use ::mpi::topology::{Color, Communicator, SimpleCommunicator};
 use anyhow::{bail, Context, Result};
 use std::collections::VecDeque;
@@ -33,58 +36,6 @@ use tch::{Device, Tensor};
 pub enum ReduceOp {
     Sum,
     Max,
-}
-
-/// Which process group a collective runs over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupKind {
-    /// Ranks that split each layer (one data-parallel replica).
-    Tensor,
-    /// Ranks holding the same tensor-parallel shard of different data.
-    Data,
-    /// Every rank.
-    World,
-}
-
-impl GroupKind {
-    fn name(self) -> &'static str {
-        match self {
-            GroupKind::Tensor => "tensor-parallel",
-            GroupKind::Data => "data-parallel",
-            GroupKind::World => "world",
-        }
-    }
-}
-
-/// This rank's place in one group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Group {
-    pub kind: GroupKind,
-    pub rank: usize,
-    pub size: usize,
-}
-
-/// Where this process sits: world = data x tensor, rank = dp_index * tp + tp_index, so a
-/// tensor-parallel group is contiguous (one node).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Topology {
-    pub rank: usize,
-    pub world: usize,
-    pub local_rank: usize,
-    pub tensor: Group,
-    pub data: Group,
-}
-
-impl Topology {
-    pub fn new(rank: usize, world: usize, local_rank: usize, tp: usize) -> Topology {
-        Topology {
-            rank,
-            world,
-            local_rank,
-            tensor: Group { kind: GroupKind::Tensor, rank: rank % tp, size: tp },
-            data: Group { kind: GroupKind::Data, rank: rank / tp, size: world / tp },
-        }
-    }
 }
 
 /// One collective, holding (shallow handles to) the tensors it reads and writes.
@@ -261,7 +212,7 @@ struct Job {
     op: Op,
     /// For a CUDA collective: recorded on the compute stream when the collective was asked
     /// for, so that it starts after the kernels that produced its input.
-    ready: Option<nccl::Event>,
+    ready: Option<Event>,
     done: SyncSender<Result<Completion>>,
 }
 
@@ -270,7 +221,7 @@ enum Completion {
     /// The collective has completed.
     Finished,
     /// The collective is queued on the GPU; the compute stream must wait for `event`.
-    OnGpu { event: Arc<nccl::Event>, device: usize },
+    OnGpu { event: Arc<Event>, device: usize },
 }
 
 /// The first failure of the communication thread, for every handle that asks afterwards.
@@ -290,11 +241,15 @@ impl Pending {
             Ok(completion) => completion?,
             Err(_) => bail!("{}", failure.get().map_or("the communication thread has stopped", String::as_str)),
         };
-        if let Completion::OnGpu { event, device } = completion {
-            event.block_compute_stream(device)?;
+        match completion {
+            Completion::OnGpu { event, device } => {
+                timing::gpu_wait(group, device, || event.block_compute_stream(device))
+            }
+            Completion::Finished => {
+                timing::record_wait(group, started.elapsed());
+                Ok(())
+            }
         }
-        crate::metrics::record_wait(group, started.elapsed());
-        Ok(())
     }
 }
 
@@ -393,7 +348,7 @@ impl Comm {
         };
         let (done, receiver) = sync_channel(1);
         let ready = match op.device() {
-            Some(Device::Cuda(device)) => match nccl::Event::on_compute_stream(device) {
+            Some(Device::Cuda(device)) => match Event::on_compute_stream(device, false) {
                 Ok(event) => Some(event),
                 Err(error) => {
                     let _ = done.send(Err(error));
@@ -528,7 +483,7 @@ fn communication_thread(
 struct InFlight {
     group: GroupKind,
     op: Op,
-    done: Arc<nccl::Event>,
+    done: Arc<Event>,
     launched: Instant,
 }
 

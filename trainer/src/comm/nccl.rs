@@ -7,58 +7,10 @@
 //! and records a `done` event, which the compute stream waits for when the handle is waited
 //! on: neither stream blocks the host, and computation overlaps communication in between.
 use super::{GroupKind, Op, ReduceOp};
+use crate::cuda::{make_current, require, Event, Library, Priority, Stream};
 use anyhow::{bail, Context, Result};
-use cudarc::driver::{result as cu, sys as cu_sys};
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
-use std::ffi::CString;
-use std::sync::OnceLock;
 use tch::{Kind, Tensor};
-
-/// A library loaded at run time.
-#[derive(Debug, Clone, Copy)]
-enum Library {
-    Driver,
-    Runtime,
-    Nccl,
-}
-
-/// Checks once per library that it can be loaded (cudarc panics on a missing one), with an
-/// error that names the file names searched and the fix.
-fn require(library: Library) -> Result<()> {
-    static CHECKED: [OnceLock<std::result::Result<(), String>>; 3] = [const { OnceLock::new() }; 3];
-    let (name, what) = match library {
-        Library::Driver => ("cuda", "the NVIDIA driver's libcuda.so.1 (is this a GPU machine?)"),
-        Library::Runtime => ("cudart", "the CUDA runtime libcudart (libtorch_cuda loads it)"),
-        Library::Nccl => (
-            "nccl",
-            "NCCL: the torch wheel ships nvidia/nccl/lib/libnccl.so.2, and a libnccl.so link to it must be on the \
-             library path (the build puts one on the trainer's rpath; scripts/gpu-check.sh makes one)",
-        ),
-    };
-    let checked = CHECKED[library as usize].get_or_init(|| {
-        let candidates = cudarc::get_lib_name_candidates(name);
-        if candidates.iter().any(|file| loadable(file)) {
-            Ok(())
-        } else {
-            Err(format!("cannot load {what}; searched LD_LIBRARY_PATH and the rpath for {}", candidates.join(", ")))
-        }
-    });
-    checked.clone().map_err(anyhow::Error::msg)
-}
-
-fn loadable(name: &str) -> bool {
-    let Ok(name) = CString::new(name) else { return false };
-    // SAFETY: dlopen receives a valid C string; a handle it returns is closed right away
-    // (the library stays mapped only if something else holds it).
-    unsafe {
-        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
-        if handle.is_null() {
-            return false;
-        }
-        libc::dlclose(handle);
-    }
-    true
-}
 
 /// The NCCL library's version, e.g. "2.28.9".
 pub fn version() -> Result<String> {
@@ -73,95 +25,6 @@ fn nccl_error(call: &str, error: nccl::NcclError) -> anyhow::Error {
     anyhow::anyhow!("{call} failed: {} ({:?})", text.to_string_lossy(), error.0)
 }
 
-fn cuda_error(call: &str, error: cu::DriverError) -> anyhow::Error {
-    let name = error.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    anyhow::anyhow!("{call} failed: {name} ({:?})", error.0)
-}
-
-/// Makes `device`'s primary context (the one libtorch's runtime uses) current on this thread,
-/// once per thread, for the driver API and the runtime (NCCL picks its device with
-/// `cudaGetDevice`); the context is retained for the life of the process, as libtorch keeps it.
-fn make_current(device: usize) -> Result<()> {
-    thread_local! {
-        static CURRENT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-    }
-    if CURRENT.get() == Some(device) {
-        return Ok(());
-    }
-    require(Library::Driver)?;
-    cu::init().map_err(|e| cuda_error("cuInit", e))?;
-    let handle = cu::device::get(device as i32).map_err(|e| cuda_error("cuDeviceGet", e))?;
-    // SAFETY: `handle` is a valid device; retaining its primary context and making it current
-    // touch no memory of ours.
-    unsafe {
-        let context = cu::primary_ctx::retain(handle).map_err(|e| cuda_error("cuDevicePrimaryCtxRetain", e))?;
-        cu::ctx::set_current(context).map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
-    }
-    require(Library::Runtime)?;
-    cudarc::runtime::result::device::set(device as i32)
-        .map_err(|e| anyhow::anyhow!("cudaSetDevice({device}) failed: {e:?}"))?;
-    CURRENT.set(Some(device));
-    Ok(())
-}
-
-/// A CUDA event (without timing) in the primary context of the device it was made on.
-#[derive(Debug)]
-pub(super) struct Event(cu_sys::CUevent);
-
-// SAFETY: CUDA event handles may be recorded, queried and waited on from any thread of the
-// process; the handle is destroyed once, by Drop.
-unsafe impl Send for Event {}
-// SAFETY: as above; every operation on the handle is thread-safe in the CUDA driver.
-unsafe impl Sync for Event {}
-
-impl Event {
-    fn new() -> Result<Event> {
-        cu::event::create(cu_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-            .map(Event)
-            .map_err(|e| cuda_error("cuEventCreate", e))
-    }
-
-    fn record(&self, stream: cu_sys::CUstream) -> Result<()> {
-        // SAFETY: the event is alive (owned by self) and the stream is the null stream or a
-        // live stream of the current context.
-        unsafe { cu::event::record(self.0, stream) }.map_err(|e| cuda_error("cuEventRecord", e))
-    }
-
-    /// An event recorded now on `device`'s compute stream.
-    pub(super) fn on_compute_stream(device: usize) -> Result<Event> {
-        make_current(device)?;
-        let event = Event::new()?;
-        event.record(cu::stream::null())?;
-        Ok(event)
-    }
-
-    /// Makes `device`'s compute stream wait (on the GPU, not the host) until this event has happened.
-    pub(super) fn block_compute_stream(&self, device: usize) -> Result<()> {
-        make_current(device)?;
-        // SAFETY: the null stream of the current context and a live event.
-        unsafe { cu::stream::wait_event(cu::stream::null(), self.0, cu_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
-            .map_err(|e| cuda_error("cuStreamWaitEvent", e))
-    }
-
-    /// Whether the work recorded before the event has completed.
-    pub(super) fn completed(&self) -> Result<bool> {
-        // SAFETY: a live event.
-        match unsafe { cu::event::query(self.0) } {
-            Ok(()) => Ok(true),
-            Err(cu::DriverError(cu_sys::cudaError_enum::CUDA_ERROR_NOT_READY)) => Ok(false),
-            Err(error) => Err(cuda_error("cuEventQuery", error)),
-        }
-    }
-}
-
-impl Drop for Event {
-    fn drop(&mut self) {
-        // SAFETY: the handle is live and dropped once; CUDA releases an event still pending
-        // on a stream when it completes.
-        let _ = unsafe { cu::event::destroy(self.0) };
-    }
-}
-
 /// One NCCL communicator.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct NcclComm(nccl_sys::ncclComm_t);
@@ -171,7 +34,7 @@ pub(super) struct NcclComm(nccl_sys::ncclComm_t);
 #[derive(Debug)]
 pub(super) struct Nccl {
     device: usize,
-    stream: cu_sys::CUstream,
+    stream: Stream,
     communicators: Vec<(GroupKind, NcclComm)>,
 }
 
@@ -180,8 +43,7 @@ impl Nccl {
     pub(super) fn new(device: usize) -> Result<Nccl> {
         require(Library::Nccl)?;
         make_current(device)?;
-        let stream =
-            cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(|e| cuda_error("cuStreamCreate", e))?;
+        let stream = Stream::new(Priority::Normal)?;
         Ok(Nccl { device, stream, communicators: Vec::new() })
     }
 
@@ -225,11 +87,9 @@ impl Nccl {
     /// The tensors must stay alive until that event has completed.
     pub(super) fn launch(&self, comm: NcclComm, op: &Op, ready: Option<&Event>) -> Result<Event> {
         if let Some(ready) = ready {
-            // SAFETY: a live stream of this context and a live event.
-            unsafe { cu::stream::wait_event(self.stream, ready.0, cu_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
-                .map_err(|e| cuda_error("cuStreamWaitEvent", e))?;
+            ready.block(&self.stream)?;
         }
-        let stream = self.stream as nccl_sys::cudaStream_t;
+        let stream = self.stream.raw() as nccl_sys::cudaStream_t;
         let (comm, ptr) = (comm.0, |t: &Tensor| t.data_ptr());
         // SAFETY: the pointers are the data of contiguous CUDA tensors on this device, checked
         // by Op::check for size and dtype; the caller keeps them alive until the returned
@@ -270,8 +130,8 @@ impl Nccl {
             }
         };
         result.map_err(|e| nccl_error(&format!("nccl {}", op.name()), e))?;
-        let done = Event::new()?;
-        done.record(self.stream)?;
+        let done = Event::new(false)?;
+        done.record(&self.stream)?;
         Ok(done)
     }
 
@@ -291,8 +151,6 @@ impl Drop for Nccl {
             // thread retires every one before it stops).
             let _ = unsafe { nccl::comm_destroy(comm.0) };
         }
-        // SAFETY: the stream was created by Nccl::new and is destroyed once.
-        let _ = unsafe { cu::stream::destroy(self.stream) };
     }
 }
 
@@ -366,7 +224,7 @@ pub fn self_test(device: usize) -> Result<Vec<String>> {
             op.check(1)?;
             let (_, result) = op.tensors().expect("tensor collectives");
             let result = result.shallow_clone();
-            let ready = Event::on_compute_stream(device)?;
+            let ready = Event::on_compute_stream(device, false)?;
             to_nccl.send((op, ready)).map_err(|_| anyhow::anyhow!("the NCCL thread stopped"))?;
             let done = dones.recv().context("the NCCL thread stopped")??;
             done.block_compute_stream(device)?;
