@@ -50,6 +50,11 @@ for stage in stages:
         if timed:
             row["note"] = "phases " + ", ".join(
                 f"{k} {statistics.median(r['phase_seconds'][k] for r in timed):.3f}" for k in timed[0]["phase_seconds"])
+        syncs = [r["host_syncs"] for r in timed]
+        if syncs:
+            row["note"] += f"; host syncs per step {max(syncs)}"
+            if max(syncs) > 1 and code == 0:
+                row["result"] = "FAILED (host syncs)"
         if stage == "train":
             ours = row
             losses = [r["loss"] for r in records]

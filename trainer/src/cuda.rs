@@ -186,7 +186,8 @@ pub enum Priority {
 impl Stream {
     /// A new non-blocking stream in the current context.
     pub fn new(priority: Priority) -> Result<Stream> {
-        let (least, greatest) = cu::stream::get_priority_range().map_err(|e| error("cuCtxGetStreamPriorityRange", e))?;
+        let (least, greatest) =
+            cu::stream::get_priority_range().map_err(|e| error("cuCtxGetStreamPriorityRange", e))?;
         let value = match priority {
             Priority::Normal => least,
             Priority::High => greatest,

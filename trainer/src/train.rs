@@ -320,16 +320,14 @@ fn forward_backward_step(
     let mut loss = Tensor::zeros([], (Kind::Double, batch.device()));
     for (i, micro) in micro_batches.iter().enumerate() {
         let mut reduce = |segment: usize| match overlap {
-            true => pending.extend(optimizer.reduce_segment(&engine.params, segment)),
+            true => pending.push(optimizer.reduce_segment(&engine.params, segment)),
             false => finished.push(segment),
         };
         let last = i + 1 == micro_batches.len();
         loss += engine.forward_backward(micro, step_tokens, last.then_some(&mut reduce as &mut dyn FnMut(usize)))?;
     }
-    for segment in finished {
-        pending.extend(optimizer.reduce_segment(&engine.params, segment));
-    }
-    wait_all(pending)?;
+    pending.extend(finished.into_iter().map(|segment| optimizer.reduce_segment(&engine.params, segment)));
+    wait_all(pending.into_iter().collect::<Result<Vec<_>>>()?)?;
     Ok(loss)
 }
 

@@ -118,23 +118,21 @@ impl DistOptimizer {
     /// Starts the reduction of one segment's gradients, to be called once they are final
     /// (after the last micro-batch's backward of that segment): replicated parameters'
     /// partial gradients are summed over the tensor-parallel group, then everything over
-    /// the data-parallel group.
-    pub fn reduce_segment(&self, params: &FlatParams, segment: usize) -> Vec<Pending> {
+    /// the data-parallel group. On CUDA the two groups' collectives run on different NCCL
+    /// streams, so the tensor-parallel sums are waited for (by the compute stream, not the
+    /// host) before the data-parallel reduction that reads them is asked for.
+    pub fn reduce_segment(&self, params: &FlatParams, segment: usize) -> Result<Pending> {
         let grads = params.grads();
-        let mut pending: Vec<Pending> = params
-            .segment_replicated_ranges(segment)
-            .iter()
-            .map(|range| self.comm.all_reduce(GroupKind::Tensor, &narrow(grads, range), ReduceOp::Sum))
-            .collect();
+        let replicated = params.segment_replicated_ranges(segment);
+        wait_all(replicated.iter().map(|r| self.comm.all_reduce(GroupKind::Tensor, &narrow(grads, r), ReduceOp::Sum)))?;
         let segment_grads = narrow(grads, &params.segment_range(segment));
-        pending.push(match &self.weights {
+        Ok(match &self.weights {
             Weights::Shard { grads: shard, .. } => {
                 let chunk = &self.chunks[segment];
                 self.comm.reduce_scatter(GroupKind::Data, &segment_grads, &shard.narrow(0, chunk.offset, chunk.len()))
             }
             Weights::Flat | Weights::Master(_) => self.comm.all_reduce(GroupKind::Data, &segment_grads, ReduceOp::Sum),
-        });
-        pending
+        })
     }
 
     /// The gradients the optimizer reads (in the master dtype).

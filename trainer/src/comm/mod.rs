@@ -5,8 +5,10 @@
 //! which is what keeps groups from deadlocking): CPU tensors through blocking MPI calls
 //! ([`mpi`], initialized on that thread, so `MPI_THREAD_FUNNELED` suffices), CUDA tensors
 //! through NCCL ([`nccl`], one communicator per group, created on first use from a unique id
-//! broadcast over MPI), queued on the GPU without blocking the thread. Tensors stay alive
-//! inside the queued job until their collective has completed.
+//! broadcast over MPI), queued on the GPU without blocking the thread: tensor-parallel
+//! collectives, which every layer waits for, on a stream of the GPU's highest priority, so they
+//! never queue behind data-parallel reductions, which have a stream of their own. Tensors stay
+//! alive inside the queued job until their collective has completed.
 //!
 //! Every collective has a deadline (`parallel.collective_timeout_s`). A watchdog thread ends
 //! the process when the communication thread has been blocked in one MPI call past it; a
@@ -479,7 +481,7 @@ fn communication_thread(
     drop(jobs);
 }
 
-/// A CUDA collective queued on the NCCL stream, kept (with its tensors) until it completes.
+/// A CUDA collective queued on an NCCL stream, kept (with its tensors) until it completes.
 struct InFlight {
     group: GroupKind,
     op: Op,
@@ -585,7 +587,7 @@ impl Worker {
                 };
                 let nccl_comm =
                     nccl.communicator(group, comm.rank() as usize, size, device, |id| mpi::broadcast_bytes(comm, id))?;
-                let done = Arc::new(nccl.launch(nccl_comm, &op, ready.as_ref())?);
+                let done = Arc::new(nccl.launch(group, nccl_comm, &op, ready.as_ref())?);
                 self.in_flight.push_back(InFlight { group, op, done: done.clone(), launched: Instant::now() });
                 Ok(Completion::OnGpu { event: done, device })
             }
@@ -598,16 +600,18 @@ impl Worker {
         }
     }
 
-    /// Drops the tensors of CUDA collectives that have completed; fails on one past its deadline.
+    /// Drops the tensors of CUDA collectives that have completed (the two NCCL streams finish
+    /// in their own orders); fails on one past its deadline.
     fn retire_completed(&mut self) -> Result<()> {
-        while let Some(front) = self.in_flight.front() {
-            if front.done.completed()? {
-                let finished = self.in_flight.pop_front().expect("front exists");
+        let mut index = 0;
+        while let Some(job) = self.in_flight.get(index) {
+            if job.done.completed()? {
+                let finished = self.in_flight.remove(index).expect("the job exists");
                 self.observe(finished.group, &finished.op, finished.launched.elapsed());
-            } else if front.launched.elapsed() > self.timeout {
-                bail!(timed_out(&context(self.topology, front.group, front.op.summary()), self.timeout));
+            } else if job.launched.elapsed() > self.timeout {
+                bail!(timed_out(&context(self.topology, job.group, job.op.summary()), self.timeout));
             } else {
-                return Ok(());
+                index += 1;
             }
         }
         Ok(())

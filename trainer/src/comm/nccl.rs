@@ -29,11 +29,15 @@ fn nccl_error(call: &str, error: nccl::NcclError) -> anyhow::Error {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct NcclComm(nccl_sys::ncclComm_t);
 
-/// The process's NCCL state: one stream for every collective (so they run in the order they
-/// were asked for on every rank) and one communicator per process group.
+/// The process's NCCL state: one communicator per process group, and two streams: the
+/// tensor-parallel group's collectives (which every layer waits for) on one of the GPU's
+/// highest priority, so that they never queue behind the data-parallel group's large
+/// reductions, which share the other with the world group. Each stream runs its collectives in
+/// the order they were asked for, which is the same on every rank.
 #[derive(Debug)]
 pub(super) struct Nccl {
     device: usize,
+    tensor_stream: Stream,
     stream: Stream,
     communicators: Vec<(GroupKind, NcclComm)>,
 }
@@ -43,8 +47,15 @@ impl Nccl {
     pub(super) fn new(device: usize) -> Result<Nccl> {
         require(Library::Nccl)?;
         make_current(device)?;
-        let stream = Stream::new(Priority::Normal)?;
-        Ok(Nccl { device, stream, communicators: Vec::new() })
+        let (tensor_stream, stream) = (Stream::new(Priority::High)?, Stream::new(Priority::Normal)?);
+        Ok(Nccl { device, tensor_stream, stream, communicators: Vec::new() })
+    }
+
+    fn stream(&self, group: GroupKind) -> &Stream {
+        match group {
+            GroupKind::Tensor => &self.tensor_stream,
+            GroupKind::Data | GroupKind::World => &self.stream,
+        }
     }
 
     /// The group's communicator, created on first use (a collective call on every rank of the
@@ -83,13 +94,14 @@ impl Nccl {
         Ok(comm)
     }
 
-    /// Queues `op` on the NCCL stream after `ready` and returns the event that marks its end.
-    /// The tensors must stay alive until that event has completed.
-    pub(super) fn launch(&self, comm: NcclComm, op: &Op, ready: Option<&Event>) -> Result<Event> {
+    /// Queues `op` on `group`'s communicator and stream after `ready` and returns the event
+    /// that marks its end. The tensors must stay alive until that event has completed.
+    pub(super) fn launch(&self, group: GroupKind, comm: NcclComm, op: &Op, ready: Option<&Event>) -> Result<Event> {
+        let stream = self.stream(group);
         if let Some(ready) = ready {
-            ready.block(&self.stream)?;
+            ready.block(stream)?;
         }
-        let stream = self.stream.raw() as nccl_sys::cudaStream_t;
+        let (done_on, stream) = (stream, stream.raw() as nccl_sys::cudaStream_t);
         let (comm, ptr) = (comm.0, |t: &Tensor| t.data_ptr());
         // SAFETY: the pointers are the data of contiguous CUDA tensors on this device, checked
         // by Op::check for size and dtype; the caller keeps them alive until the returned
@@ -131,7 +143,7 @@ impl Nccl {
         };
         result.map_err(|e| nccl_error(&format!("nccl {}", op.name()), e))?;
         let done = Event::new(false)?;
-        done.record(&self.stream)?;
+        done.record(done_on)?;
         Ok(done)
     }
 
@@ -203,7 +215,7 @@ pub fn self_test(device: usize) -> Result<Vec<String>> {
         // Every op (with its tensors) stays alive until the thread ends, after the last `done`.
         let mut in_flight = Vec::new();
         for (op, ready) in launches {
-            let _ = to_compute.send(nccl.launch(comm, &op, Some(&ready)));
+            let _ = to_compute.send(nccl.launch(GroupKind::World, comm, &op, Some(&ready)));
             in_flight.push(op);
         }
     });
