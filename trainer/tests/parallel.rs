@@ -62,8 +62,9 @@ fn weight_distance(run: &Run, reference: &Run) -> f64 {
     (diff / norm).sqrt()
 }
 
-/// bf16 parameters with f32 master weights: the gradients are reduce-scattered in bf16 into the
-/// shard and converted for the update (the path multi-GPU runs take; MPI reduces bf16 via f32).
+/// bf16 parameters with f32 master weights: the gradients accumulate in f32 and are
+/// reduce-scattered into the shard, the tensor-parallel all-reduces of activations are bf16
+/// (the path multi-GPU runs take; MPI reduces bf16 via f32).
 /// bf16 cannot match exactly, so the yardstick is the single-rank run with its micro-batches
 /// split differently: only the rounding differs there.
 #[test]
