@@ -146,13 +146,18 @@ pub fn serialize_groups<S: serde::Serializer>(waits: &GroupSeconds, serializer: 
 }
 
 /// The phase times and the waits by group since [`reset_phases`], resetting them. On CUDA,
-/// call it once the step's work has completed (after the step's synchronization): the times
-/// are then the GPU's, between the laps' events.
+/// call it once the work of the last lap has completed (after the step's synchronization):
+/// the times are then the GPU's, between the laps' events.
 pub fn take_phases() -> (PhaseSeconds, GroupSeconds) {
     CLOCK.with_borrow_mut(|clock| {
         let host = (std::mem::take(&mut clock.seconds), std::mem::take(&mut clock.waited_by_group));
-        match clock.gpu.take() {
-            Some(gpu) => gpu.phases().unwrap_or(host),
+        match clock.gpu.take().map(|gpu| gpu.phases()) {
+            Some(Some(gpu)) => gpu,
+            Some(None) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| tracing::warn!("the GPU's phase times could not be read; phases are the host's"));
+                host
+            }
             None => host,
         }
     })

@@ -142,8 +142,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let scalars = StepScalars::reduce(&comm, &shares, &[preemption.requested(), save.writing, save.failed])?;
         let lr = learning_rate(&config.optim, step, t.steps);
         optimizer.step(&engine.params, lr, config.optim.grad_clip, &scalars.sum(1))?;
-        let StepTotals { sums, flags } = scalars.read()?;
         lap(Phase::Optimizer);
+        let StepTotals { sums, flags } = scalars.read()?;
         let step_seconds = start.elapsed().as_secs_f64();
         let (loss, grad_norm) = (sums[0], if sums[1] < 0.0 { 0.0 } else { sums[1].sqrt() });
         if !grad_norm.is_finite() {
