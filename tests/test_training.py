@@ -35,6 +35,8 @@ def test_learns_on_fortunes(fortunes_data, tmp_path):
     assert val_losses[0] > val_losses[-1]
     assert result.stdout.strip().startswith("The meaning of life is"), result.stdout
     assert (tmp_path / "config.toml").exists()
+    # The step's one host synchronization: its scalars read at its end (on CUDA, libtorch's own count).
+    assert {r["host_syncs"] for r in history} == {1}
 
 
 def test_same_seed_same_losses(fortunes_data, tmp_path):
@@ -129,15 +131,17 @@ def test_trains_on_a_megatron_indexed_dataset(tmp_path):
 def test_gpu_check_runs_its_pipeline_from_a_bundle_on_cpu(fortunes_data, tmp_path):
     """scripts/gpu-check.sh (for a GPU machine without Rust) from a scripts/gpu-bundle bundle, dry-run on CPU with
     the tiny config: NCCL loads through its LD_LIBRARY_PATH link, the missing GPU is reported clearly, and the
-    training summary (tokens/s, MFU, phases) is printed from metrics.jsonl."""
+    table shows the training run (tokens/s, MFU, phases, host syncs) against the PyTorch eager reference."""
     bundle, out = tmp_path / "bundle", tmp_path / "out"
     env = {**os.environ, "BUNDLE": str(bundle), "DATA": str(fortunes_data)}
     run(REPO / "scripts" / "gpu-bundle", env=env)
     assert (bundle / "lib" / "libmpi.so.40").exists() and (bundle / "data" / "fortunes" / "manifest.json").exists()
-    env.update(OUT=str(out), PYTHON=sys.executable, CONFIG="configs/tiny.toml", DEVICE="cpu", STEPS="4", WARMUP="2")
+    env.update(OUT=str(out), PYTHON=sys.executable, CONFIG="configs/tiny.toml", DEVICE="cpu", STEPS="4", WARMUP="2",
+               STAGES="nccl train eager")
     result = run(REPO / "scripts" / "gpu-check.sh", env=env, check=False)
     text = result.stdout + result.stderr
     assert result.returncode == 1, text  # the NCCL round trip needs a GPU
     assert "nccl: 2." in text and "cannot load the NVIDIA driver's libcuda.so.1" in text, text
     assert "tokens/s" in text and "MFU" in text and "communication" in text, text
-    assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert len((out / "train" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert "ours / eager = " in text and "host syncs per step 1" in text, text
