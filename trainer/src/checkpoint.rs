@@ -77,6 +77,10 @@ impl Manifest {
                 manifest.format_version
             );
         }
+        let named_step = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step-")?.parse::<i64>().ok());
+        if manifest.step < 0 || named_step.is_some_and(|step| step != manifest.step) {
+            bail!("{}: the manifest is of step {}, not of this directory's step", path.display(), manifest.step);
+        }
         for (name, entry) in &manifest.tensors {
             for piece in &entry.pieces {
                 let file = Path::new(&piece.file);
@@ -88,13 +92,64 @@ impl Manifest {
                     );
                 }
             }
+            entry.check_tiling().with_context(|| format!("{}: tensor {name} is corrupt", path.display()))?;
         }
         Ok(manifest)
     }
 }
 
+impl TensorEntry {
+    /// Checks that the pieces cover the global tensor exactly once: each inside it, no two
+    /// overlapping, and together as many elements as it has.
+    fn check_tiling(&self) -> Result<()> {
+        let dims = self.shape.len();
+        if self.shape.iter().any(|&d| d < 0) {
+            bail!("negative dimension in shape {:?}", self.shape);
+        }
+        let total = self.shape.iter().try_fold(1i64, |n, &d| n.checked_mul(d)).context("its size overflows")?;
+        let mut covered = 0i64;
+        for (i, piece) in self.pieces.iter().enumerate() {
+            let (offset, shape) = (&piece.offset, &piece.shape);
+            if offset.len() != dims || shape.len() != dims {
+                bail!(
+                    "piece {:?} has {} offsets and {} sizes for a {dims}-dimensional tensor",
+                    piece.key,
+                    offset.len(),
+                    shape.len()
+                );
+            }
+            let inside = (0..dims).all(|d| offset[d] >= 0 && shape[d] >= 0 && offset[d] + shape[d] <= self.shape[d]);
+            if !inside {
+                bail!("piece {:?} at {offset:?} of shape {shape:?} lies outside the shape {:?}", piece.key, self.shape);
+            }
+            covered += shape.iter().product::<i64>();
+            for other in &self.pieces[..i] {
+                let overlap = (0..dims).all(|d| {
+                    offset[d].max(other.offset[d]) < (offset[d] + shape[d]).min(other.offset[d] + other.shape[d])
+                });
+                if overlap {
+                    bail!("pieces {:?} and {:?} overlap", other.key, piece.key);
+                }
+            }
+        }
+        if covered != total {
+            bail!("its pieces hold {covered} of its {total} elements");
+        }
+        Ok(())
+    }
+}
+
 fn step_dir_name(step: i64) -> String {
     format!("step-{step:08}")
+}
+
+/// Points `root/latest` at step `step`'s directory, by rename.
+fn publish_latest(root: &Path, step: i64) -> Result<()> {
+    let pointer = root.join("latest.tmp");
+    write_synced(&pointer, step_dir_name(step).as_bytes())?;
+    std::fs::rename(&pointer, root.join("latest"))
+        .with_context(|| format!("cannot replace {}", root.join("latest").display()))?;
+    sync_dir(root)
 }
 
 fn dtype_name(kind: Kind) -> Result<(&'static str, StDtype)> {
@@ -250,14 +305,40 @@ impl Checkpointer {
         Checkpointer { root, keep_last, asynchronous, tokenizer, pending: None }
     }
 
-    /// The newest complete checkpoint under `root`, if any.
-    pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
-        let pointer = root.join("latest");
-        match std::fs::read_to_string(&pointer) {
-            Ok(name) => Ok(Some(root.join(name.trim()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", pointer.display())),
+    /// The newest complete checkpoint under `root`, if any. Complete step directories (a
+    /// `step-N` holding its manifest, which is written last) are the truth: `latest` only
+    /// names the newest of them, and when it is missing, dangling or behind (a crash between
+    /// publishing a step and replacing `latest`), `repair` rewrites it.
+    pub fn latest(root: &Path, repair: bool) -> Result<Option<PathBuf>> {
+        let mut newest: Option<(i64, PathBuf)> = None;
+        let entries = match std::fs::read_dir(root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read the checkpoint directory {}", root.display()))
+            }
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot read the checkpoint directory {}", root.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<i64>().ok()) else { continue };
+            if entry.path().join("manifest.json").is_file() && newest.as_ref().is_none_or(|(n, _)| step > *n) {
+                newest = Some((step, entry.path()));
+            }
         }
+        let Some((step, dir)) = newest else { return Ok(None) };
+        let pointer = root.join("latest");
+        let named = std::fs::read_to_string(&pointer).ok().map(|name| name.trim().to_string());
+        if repair && named.as_deref() != Some(step_dir_name(step).as_str()) {
+            tracing::warn!(
+                "{} named {:?} but the newest complete checkpoint is {}; repairing it",
+                pointer.display(),
+                named.unwrap_or_else(|| "nothing".into()),
+                step_dir_name(step)
+            );
+            publish_latest(root, step)?;
+        }
+        Ok(Some(dir))
     }
 
     /// Starts saving the state after `step` steps. Collective: every rank calls it at the
@@ -358,14 +439,12 @@ impl Checkpointer {
         let bytes = match pending.result {
             Some(Ok(bytes)) => bytes,
             Some(Err(e)) => {
-                return Err(
-                    e.context(format!("saving step {} failed; the previous checkpoint stays latest", pending.step))
-                )
+                return Err(e.context(format!("saving step {} failed; {}", pending.step, self.what_stays())))
             }
             None => unreachable!("settled above"),
         };
         if failed {
-            bail!("another rank failed to write step {}; the previous checkpoint stays latest", pending.step);
+            bail!("another rank failed to write step {}; {}", pending.step, self.what_stays());
         }
         let rank_bytes = bytes;
         let bytes = comm.sum_scalar(GroupKind::World, bytes as f64)? as u64;
@@ -376,6 +455,14 @@ impl Checkpointer {
         comm.barrier(GroupKind::World).wait()?;
         let seconds = pending.started.elapsed().as_secs_f64();
         Ok(Some(SaveReport { step: pending.step, dir, bytes, rank_bytes, seconds }))
+    }
+
+    /// What a failed save leaves: the newest complete checkpoint, if there is one.
+    fn what_stays(&self) -> String {
+        match Checkpointer::latest(&self.root, false) {
+            Ok(Some(dir)) => format!("{} stays the newest checkpoint", dir.display()),
+            _ => format!("no complete checkpoint exists in {}", self.root.display()),
+        }
     }
 
     /// Rank 0: merge every rank's index into the manifest, write it last, publish the step
@@ -404,10 +491,7 @@ impl Checkpointer {
             std::fs::remove_dir_all(dir)?;
         }
         std::fs::rename(&pending.staging, dir).with_context(|| format!("cannot publish {}", dir.display()))?;
-        let pointer = self.root.join("latest.tmp");
-        write_synced(&pointer, step_dir_name(pending.step).as_bytes())?;
-        std::fs::rename(&pointer, self.root.join("latest"))?;
-        sync_dir(&self.root)?;
+        publish_latest(&self.root, pending.step)?;
         self.prune(pending.step)
     }
 
@@ -461,6 +545,11 @@ impl Reader {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Whether the checkpoint holds the global tensor `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.manifest.tensors.contains_key(name)
     }
 
     /// Bytes of the pieces read so far.
@@ -573,13 +662,59 @@ impl Reader {
 
 /// Loads a checkpoint into this rank's parameters (before the optimizer is built from them).
 pub fn load_params(reader: &mut Reader, params: &FlatParams) -> Result<()> {
+    // A bf16 run's fp32 master weights are the exact values for a run in a wider dtype.
+    let wide = params.values().kind() != Kind::BFloat16;
     tch::no_grad(|| {
         for region in params.regions(&(0..params.numel())) {
             let target = region_view(params.values(), &region);
-            reader.read_box(&format!("model:{}", region.name), &region.global_shape, &region.offset, &target)?;
+            let master = format!("master:{}", region.name);
+            let name = if wide && reader.has(&master) { master } else { format!("model:{}", region.name) };
+            reader.read_box(&name, &region.global_shape, &region.offset, &target)?;
         }
         Ok(())
     })
+}
+
+/// Refuses a checkpoint of another model: its saved `[model]` section must equal this run's
+/// (the parallel layout may differ, and the dtype, which is reported). Tensor shapes alone
+/// would let a 2-layer model take the first layers of a 4-layer checkpoint, or 4 KV heads
+/// reinterpret the weights of 2.
+pub fn check_same_model(reader: &Reader, config: &Config, leader: bool) -> Result<()> {
+    let dir = reader.dir.display();
+    let saved = Config::parse(&reader.manifest().config, &[])
+        .with_context(|| format!("checkpoint {dir}: its saved configuration cannot be read"))?;
+    let table = |model: &crate::config::ModelConfig| match toml::Value::try_from(model) {
+        Ok(toml::Value::Table(table)) => table,
+        _ => unreachable!("a model section serializes to a table"),
+    };
+    let (theirs, ours) = (table(&saved.model), table(&config.model));
+    let mut keys: Vec<&String> = theirs.keys().chain(ours.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let differences: Vec<String> = keys
+        .into_iter()
+        .filter(|key| theirs.get(*key) != ours.get(*key))
+        .map(|key| {
+            let value = |t: &toml::Table| t.get(key).map_or("unset".into(), |v| v.to_string());
+            format!("model.{key} = {} in the checkpoint, {} in this run", value(&theirs), value(&ours))
+        })
+        .collect();
+    if !differences.is_empty() {
+        bail!(
+            "invalid config: checkpoint {dir} holds another model ({}); resume with the checkpoint's [model] \
+             section or start in another train.run_dir",
+            differences.join("; ")
+        );
+    }
+    if saved.train.dtype != config.train.dtype && leader {
+        let name = |dtype| toml::Value::try_from(dtype).map_or_else(|_| "?".into(), |v| v.to_string());
+        tracing::info!(
+            "checkpoint {dir} was saved with train.dtype = {}; continuing with {}",
+            name(saved.train.dtype),
+            name(config.train.dtype)
+        );
+    }
+    Ok(())
 }
 
 /// Loads a checkpoint's optimizer state into this rank's (freshly built) optimizer.
@@ -589,7 +724,11 @@ pub fn load_optimizer(reader: &mut Reader, params: &FlatParams, optimizer: &mut 
         for (state, buffer) in optimizer.state(params) {
             for region in &regions {
                 let target = region_view(&buffer, region);
-                let name = format!("{state}:{}", region.name);
+                let mut name = format!("{state}:{}", region.name);
+                if state == "master" && !reader.has(&name) {
+                    // Saved by a run without master weights (fp32): its weights are the master.
+                    name = format!("model:{}", region.name);
+                }
                 reader.read_box(&name, &region.global_shape, &region.offset, &target)?;
             }
         }

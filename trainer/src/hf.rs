@@ -1,7 +1,7 @@
 //! Hugging Face LLaMA format: `config.json` from our model config, weights as safetensors under Hugging Face names, and export of a trained model.
 use crate::config::{Config, ModelConfig};
 use crate::engine::Engine;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
@@ -72,9 +72,37 @@ pub fn export(engine: &Engine, config: &Config, tokenizer: Option<&Path>, dir: &
     Ok(())
 }
 
+/// The files an export writes; a directory holding nothing else is a previous export that a new
+/// one may replace.
+const EXPORT_FILES: [&str; 4] = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"];
+
+/// Refuses to replace `dir` unless it is missing, empty or a previous export (nothing but
+/// [`EXPORT_FILES`]): an export never deletes what it did not write.
+pub fn check_replaceable(dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read the export directory {}", dir.display())),
+    };
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !EXPORT_FILES.contains(&name.as_str()) {
+            bail!(
+                "{} holds {name:?}, so it is not a previous export; exporting there would delete it: choose a new \
+                 or empty directory (an export holds only {})",
+                dir.display(),
+                EXPORT_FILES.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Writes `config.json`, `generation_config.json`, `model.safetensors` and the tokenizer (when
-/// known) into `dir`, published by rename so a crash never leaves a half-written export.
+/// known) into `dir`, published by rename so a crash never leaves a half-written export. `dir`
+/// must be missing, empty or a previous export ([`check_replaceable`]), checked before any work.
 pub fn write_dir(weights: &[(String, Tensor)], config: &Config, tokenizer: Option<&Path>, dir: &Path) -> Result<()> {
+    check_replaceable(dir)?;
     let name = dir.file_name().context("the export directory needs a name")?.to_string_lossy();
     let staging = dir.with_file_name(format!(".{name}.partial"));
     let _ = std::fs::remove_dir_all(&staging);
@@ -92,10 +120,16 @@ pub fn write_dir(weights: &[(String, Tensor)], config: &Config, tokenizer: Optio
         std::fs::copy(tokenizer, staging.join("tokenizer.json"))
             .with_context(|| format!("cannot copy {}", tokenizer.display()))?;
     }
+    // The previous export goes aside first and only after the new one is in place is it removed.
+    let previous = dir.with_file_name(format!(".{name}.previous"));
     if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot replace {}", dir.display()))?;
+        let _ = std::fs::remove_dir_all(&previous);
+        std::fs::rename(dir, &previous).with_context(|| format!("cannot move the previous {} aside", dir.display()))?;
     }
     std::fs::rename(&staging, dir).with_context(|| format!("cannot publish {}", dir.display()))?;
+    if previous.exists() {
+        std::fs::remove_dir_all(&previous).with_context(|| format!("cannot remove {}", previous.display()))?;
+    }
     tracing::info!("exported the model in Hugging Face format to {}", dir.display());
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
-use crate::checkpoint::{load_optimizer, load_params, Checkpointer, Reader, SaveReport, SaveStatus};
+use crate::checkpoint::{check_same_model, load_optimizer, load_params, Checkpointer, Reader, SaveReport, SaveStatus};
 use crate::comm::{wait_all, Comm, GroupKind};
 use crate::config::Config;
 use crate::data::{load_tokenizer, TrainData};
@@ -13,7 +13,7 @@ use crate::preempt::{Preemption, REQUEUE_EXIT_CODE};
 use crate::step_sync::{StepScalars, StepTotals, SyncCounter};
 use crate::timing::{lap, reset_phases, take_phases, GroupSeconds, Phase, PhaseSeconds};
 use crate::zero::DistOptimizer;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use data_shards::DataCursor;
 use serde::Serialize;
 use std::io::Write;
@@ -95,6 +95,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
         .with_context(|| format!("invalid config for {} ranks", topology.world))?;
     if config.train.threads > 0 {
         tch::set_num_threads(config.train.threads as i32);
+    }
+    if let Some(dir) = &config.train.export_dir {
+        hf::check_replaceable(dir).context("invalid config train.export_dir")?;
     }
     let leader = topology.rank == 0;
     let metrics = Metrics::start(config, &comm)?;
@@ -220,10 +223,20 @@ pub fn train(config: &Config) -> Result<Outcome> {
 fn starting_state(config: &Config, engine: &mut Engine, metrics: &Metrics) -> Result<(DistOptimizer, i64, DataCursor)> {
     let comm = engine.comm().clone();
     let c = &config.checkpoint;
+    let leader = comm.topology.rank == 0;
     let resume = match (&c.load, c.resume) {
         (Some(dir), _) => Some(dir.clone()),
-        (None, true) => Checkpointer::latest(&config.checkpoint_dir())?,
-        (None, false) => None,
+        (None, true) => Checkpointer::latest(&config.checkpoint_dir(), leader)?,
+        (None, false) => match Checkpointer::latest(&config.checkpoint_dir(), false)? {
+            Some(newest) => bail!(
+                "invalid config checkpoint.resume = false: {} already holds checkpoints (the newest is {}), which \
+                 starting over would overwrite; resume, remove them yourself, or choose another train.run_dir or \
+                 checkpoint.dir",
+                config.checkpoint_dir().display(),
+                newest.display()
+            ),
+            None => None,
+        },
     };
     let Some(dir) = resume else {
         if let Some(hf_dir) = &c.init_from_hf {
@@ -235,12 +248,13 @@ fn starting_state(config: &Config, engine: &mut Engine, metrics: &Metrics) -> Re
     };
     let started = Instant::now();
     let mut reader = Reader::open(&dir)?;
+    check_same_model(&reader, config, leader)?;
     load_params(&mut reader, &engine.params)?;
     let mut optimizer = DistOptimizer::new(comm.clone(), &engine.params, &config.optim, config.parallel.zero);
     load_optimizer(&mut reader, &engine.params, &mut optimizer)?;
     metrics.record_checkpoint_load(started.elapsed().as_secs_f64(), reader.bytes_read());
     let manifest = reader.manifest();
-    if comm.topology.rank == 0 {
+    if leader {
         info!(
             "resumed from {} (step {}, saved by {} ranks with tensor parallel {}) in {:.2}s",
             dir.display(),
