@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod engine;
 pub mod hf;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -692,6 +692,7 @@ mod tests {
             phase_seconds,
             wait_seconds,
             val_loss,
+            peak_memory_bytes: Some(1 << 20),
         }
     }
 

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
 use crate::hf;
+use crate::memory::PeakMemory;
 use crate::metrics::{lap, reset_phases, take_phases, GroupSeconds, Metrics, Phase, PhaseSeconds};
 use crate::model::{segment_specs, TpShard};
 use crate::optim::learning_rate;
@@ -39,6 +40,11 @@ pub struct StepRecord {
     pub wait_seconds: GroupSeconds,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// This rank's peak of allocated memory during the step's forward, backward and update,
+    /// above what the process held before the model was built ([`PeakMemory`]); absent where
+    /// it is not measured yet (CUDA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// The configured device; `cuda` means this rank's node-local GPU.
@@ -94,6 +100,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let leader = topology.rank == 0;
     let metrics = Metrics::start(config, &comm)?;
     let device = device_of(config, topology.local_rank)?;
+    let memory = PeakMemory::start(device).context("cannot start the memory sampler")?;
     let mut engine = build_engine(config, comm.clone())?;
     let (mut optimizer, first_step, cursor) = starting_state(config, &mut engine, &metrics)?;
     let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device, cursor)
@@ -122,9 +129,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
 
     let preemption = Preemption::install(&t.preempt_signals)?;
     let mut preempted = false;
+    let mut peak_memory: Option<u64> = None;
     for step in first_step..t.steps {
         let start = Instant::now();
         reset_phases();
+        memory.take(); // the step's window starts: evaluation and checkpoints are not counted
         let batch = data.next_batch(t.global_batch);
         lap(Phase::DataWait);
         let overlap = config.parallel.overlap_grad_reduce;
@@ -137,6 +146,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
             tracing::warn!("step {}: gradient norm {grad_norm}, update skipped", step + 1);
         }
         lap(Phase::Optimizer);
+        let peak_memory_bytes = memory.take();
+        peak_memory = peak_memory.max(peak_memory_bytes);
         let step_seconds = start.elapsed().as_secs_f64();
 
         let done = step + 1;
@@ -160,6 +171,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
             phase_seconds,
             wait_seconds,
             val_loss,
+            peak_memory_bytes,
         };
         metrics.record_step(&record);
         if let Some(log) = log.as_mut() {
@@ -179,6 +191,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
         }
     }
     report_save(leader, &metrics, checkpointer.finish(&comm)?);
+    if let Some(bytes) = peak_memory {
+        info!("peak memory of this rank's steps: {:.1} MiB", bytes as f64 / (1u64 << 20) as f64);
+    }
     if preempted {
         if leader {
             info!("preempted by a signal: the checkpoint is saved; exiting with status {REQUEUE_EXIT_CODE} (requeue)");
