@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod plan;
 pub mod preempt;
 pub mod report;
 pub mod train;
