@@ -8,12 +8,14 @@
 #   train    STEPS steps of CONFIG (llama-1b) in bf16: tokens/s, MFU, phases, peak memory, and the loss must fall
 #   eager    the same shape, batch and steps in PyTorch eager (transformers, bf16 autocast, fused AdamW)
 #   7b       4 layers of the 7B shape at seq 4096, micro-batch 1, with recomputation: MFU and peak memory
+#            (the CUDA caching allocator's) against trainer plan's prediction, as for train
+#   7b-keep  the same without recomputation
 #   compile  as eager, through torch.compile
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # CONFIG and DEVICE=cpu (with a small config and STAGES without compile/7b) dry-run it on a machine without a GPU.
 BUNDLE=${BUNDLE:-.gpu} STEPS=${STEPS:-50} WARMUP=${WARMUP:-5} MICRO_BATCH=${MICRO_BATCH:-4} ACCUMULATION=${ACCUMULATION:-2}
-CONFIG=${CONFIG:-configs/llama-1b.toml} DEVICE=${DEVICE:-cuda} STAGES=${STAGES:-nccl train eager 7b compile}
+CONFIG=${CONFIG:-configs/llama-1b.toml} DEVICE=${DEVICE:-cuda} STAGES=${STAGES:-nccl train eager 7b 7b-keep compile}
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 python=${PYTHON:-python3}
@@ -51,13 +53,15 @@ stage() {
     wait "$sampler" 2>/dev/null
 }
 
-train() { # RUN_NAME CONFIG STEPS MICRO_BATCH ACCUMULATION [--set KEY=VALUE...]
+train() { # RUN_NAME CONFIG STEPS MICRO_BATCH ACCUMULATION [--set KEY=VALUE...]: trains, after writing
+    # trainer plan's prediction for the same configuration to $out/RUN_NAME.plan
     local run=$1 config=$2 steps=$3 micro=$4 accumulation=$5
     shift 5
-    "$trainer" train --config "$config" --set "train.device=$DEVICE" --set "data.path=$BUNDLE/data/fortunes" \
-        --set "train.run_dir=$out/$run" --set "train.steps=$steps" --set "train.micro_batch=$micro" \
-        --set "train.global_batch=$((micro * accumulation))" --set train.eval_every=0 --set train.log_every=1 \
-        --set train.sample_tokens=0 --set checkpoint.save_final=false "$@"
+    local sets=(--set "train.device=$DEVICE" --set "data.path=$BUNDLE/data/fortunes" --set "train.run_dir=$out/$run"
+        --set "train.steps=$steps" --set "train.micro_batch=$micro" --set "train.global_batch=$((micro * accumulation))"
+        --set train.eval_every=0 --set train.log_every=1 --set train.sample_tokens=0 --set checkpoint.save_final=false "$@")
+    "$trainer" plan --config "$config" "${sets[@]}" >"$out/$run.plan" 2>&1
+    "$trainer" train --config "$config" "${sets[@]}"
 }
 
 reference() { # [--compile]: the PyTorch reference on CONFIG's shape, batch and sequence length
@@ -70,8 +74,9 @@ export -f train reference
 stage nccl 60 "$trainer" check-nccl
 stage train 200 train train "$CONFIG" "$STEPS" "$MICRO_BATCH" "$ACCUMULATION" --set optim.warmup_steps=10
 stage eager 120 reference --steps 15 --warmup "$WARMUP"
-stage 7b 120 train 7b configs/llama-7b.toml 8 1 1 --set model.n_layers=4 --set parallel.tensor=1 \
-    --set train.seq_len=4096 --set train.recompute=true
+seven_b=(configs/llama-7b.toml 8 1 1 --set model.n_layers=4 --set parallel.tensor=1 --set train.seq_len=4096)
+stage 7b 120 train 7b "${seven_b[@]}" --set train.recompute=true
+stage 7b-keep 120 train 7b-keep "${seven_b[@]}" --set train.recompute=false
 stage compile 240 reference --compile --steps 25 --warmup 15
 
 "$python" scripts/gpu_check_table.py "$out" "$WARMUP" "$CONFIG" "$STAGES"

@@ -30,6 +30,19 @@ def reference(stage):
     return next((json.loads(l) for l in reversed(lines) if l.startswith("{")), None)
 
 
+def plan_tensors_gib(stage):
+    """trainer plan's "= tensors at peak" for the configured recomputation (the column marked *), in GiB."""
+    path = out / f"{stage}.plan"
+    lines = path.read_text().splitlines() if path.exists() else []
+    header = next((l for l in lines if l.startswith(("GiB", "MiB"))), None)
+    peak = next((l for l in lines if l.startswith("= tensors at peak")), None)
+    if header is None or peak is None:
+        return None
+    configured = 1 if "recompute on*" in header else 0
+    value = float(peak.split()[-2 + configured])
+    return value if header.startswith("GiB") else value / 1024
+
+
 def median(records, key):
     timed = records[warmup:] if len(records) > warmup else []
     return statistics.median(r[key] for r in timed) if timed else None
@@ -42,7 +55,7 @@ for stage in stages:
     row = {"stage": stage, "result": "passed" if code == 0 else f"FAILED (exit {code})", "note": ""}
     if code == 124:
         row["result"] = "FAILED (time limit)"
-    if stage in ("train", "7b"):
+    if stage in ("train", "7b", "7b-keep"):
         records = steps(stage)
         row.update(tokens_per_s=median(records, "tokens_per_s"), mfu=median(records, "mfu"),
                    step_s=median(records, "step_seconds"))
@@ -50,6 +63,13 @@ for stage in stages:
         if timed:
             row["note"] = "phases " + ", ".join(
                 f"{k} {statistics.median(r['phase_seconds'][k] for r in timed):.3f}" for k in timed[0]["phase_seconds"])
+        peaks = [r["peak_memory_bytes"] for r in timed if r.get("peak_memory_bytes") is not None]
+        planned = plan_tensors_gib(stage)
+        if peaks and planned:
+            measured = max(peaks) / GIB
+            row["note"] += f"; tensors' peak {measured:.2f} GiB, plan {planned:.2f} ({measured / planned - 1:+.1%})"
+            if abs(measured / planned - 1) > 0.10 and code == 0:
+                row["result"] = "FAILED (plan off)"
         syncs = [r["host_syncs"] for r in timed]
         if syncs:
             row["note"] += f"; host syncs per step {max(syncs)}"

@@ -701,8 +701,8 @@ pub fn check_same_model(reader: &Reader, config: &Config, leader: bool) -> Resul
         .collect();
     if !differences.is_empty() {
         bail!(
-            "invalid config: checkpoint {dir} holds another model ({}); resume with the checkpoint's [model] \
-             section or start in another train.run_dir",
+            "invalid config: checkpoint {dir} holds another model, an incompatible model shape ({}); resume with \
+             the checkpoint's [model] section or start in another train.run_dir",
             differences.join("; ")
         );
     }

@@ -112,6 +112,21 @@ impl ModelConfig {
         let norms = 2 * d;
         2 * v * d + self.n_layers * (attention + mlp + norms) + d
     }
+    /// Checks that `tp` tensor-parallel ranks can split the model: heads, KV heads, FFN and
+    /// vocabulary rows are divided among them.
+    pub fn check_tensor_split(&self, tp: i64) -> Result<()> {
+        for (key, value) in [
+            ("model.n_heads", self.n_heads),
+            ("model.n_kv_heads", self.kv_heads()),
+            ("model.ffn_dim", self.ffn_dim),
+            ("model.vocab_size", self.vocab_size),
+        ] {
+            if value % tp != 0 {
+                bail!("parallel.tensor = {tp} must divide {key} = {value}");
+            }
+        }
+        Ok(())
+    }
     /// Floating-point operations of one training step per token (forward + backward),
     /// PaLM's 6N + attention estimate, used for MFU.
     pub fn train_flops_per_token(&self, seq_len: i64) -> f64 {
@@ -443,20 +458,11 @@ impl Config {
 
     /// Checks the rules that need the world size (number of ranks).
     pub fn validate_layout(&self, world: i64) -> Result<()> {
-        let (m, tp) = (&self.model, self.parallel.tensor);
+        let tp = self.parallel.tensor;
         if world % tp != 0 {
             bail!("world size {world} is not divisible by parallel.tensor = {tp}");
         }
-        for (key, value) in [
-            ("model.n_heads", m.n_heads),
-            ("model.n_kv_heads", m.kv_heads()),
-            ("model.ffn_dim", m.ffn_dim),
-            ("model.vocab_size", m.vocab_size),
-        ] {
-            if value % tp != 0 {
-                bail!("parallel.tensor = {tp} must divide {key} = {value}");
-            }
-        }
+        self.model.check_tensor_split(tp)?;
         let dp = self.data_parallel(world);
         if self.train.eval_every > 0 && self.train.eval_sequences % dp != 0 {
             bail!(

@@ -40,12 +40,29 @@ impl ConfigArgs {
     }
 }
 
+#[derive(clap::Args, Debug)]
+struct PlanArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Ranks of the job (tensor x data parallel) [default: parallel.tensor].
+    #[arg(long, conflicts_with = "gpus", value_parser = clap::value_parser!(i64).range(1..))]
+    world: Option<i64>,
+    /// GPUs of the job: list the layouts (tensor parallel, recomputation, micro-batch) that fit.
+    #[arg(long, requires = "gpu_memory_gib", value_parser = clap::value_parser!(i64).range(1..))]
+    gpus: Option<i64>,
+    /// Memory of one GPU in GiB (with --gpus).
+    #[arg(long, requires = "gpus")]
+    gpu_memory_gib: Option<f64>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train the model as configured.
     Train(ConfigArgs),
     /// Print the parameter count of the configured model (nothing is allocated).
     Params(ConfigArgs),
+    /// Print the memory one rank needs, term by term, or (with --gpus) the layouts that fit on GPUs of a given size.
+    Plan(PlanArgs),
     /// Write a checkpoint's model as a Hugging Face LLaMA directory (config.json, model.safetensors, tokenizer.json).
     ExportHf {
         /// A checkpoint step directory, e.g. runs/tiny/checkpoints/step-00000300.
@@ -86,8 +103,21 @@ fn keep_freed_memory() {
     }
 }
 
+/// MKL (libtorch's CPU BLAS) keeps a cache of its GEMM buffers, filled on the first step and
+/// never returned (38 MiB on the tiny model). The heap already reuses freed blocks
+/// (`keep_freed_memory`), so the cache is turned off (no step-time change measured): a CPU run's
+/// measured peak (`memory.rs`) is then its tensors, not a library's cache. An explicit setting wins.
+fn disable_mkl_buffer_cache() {
+    const VARIABLE: &str = "MKL_DISABLE_FAST_MM";
+    if std::env::var_os(VARIABLE).is_none() {
+        // Before any other thread exists and before MKL reads its environment (its first call).
+        std::env::set_var(VARIABLE, "1");
+    }
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
+    disable_mkl_buffer_cache();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     // Every log line carries the rank: the MPI rank from the launcher's environment (0 alone).
@@ -109,7 +139,18 @@ fn run(command: Command) -> Result<Outcome> {
         Command::Train(args) => return trainer::train::train(&args.load()?),
         Command::Params(args) => {
             let config = args.load()?;
-            println!("{}", group_thousands(config.model.num_params()));
+            println!("{}", trainer::plan::group_thousands(config.model.num_params() as u64));
+        }
+        Command::Plan(args) => {
+            let config = args.config.load()?;
+            let text = match args.gpus.zip(args.gpu_memory_gib) {
+                Some((gpus, memory_gib)) => trainer::plan::search(&config, gpus, memory_gib)?,
+                None => {
+                    let world = args.world.unwrap_or(config.parallel.tensor);
+                    trainer::plan::report(&config, world, trainer::plan::Target::of(&config))?
+                }
+            };
+            print!("{text}");
         }
         Command::ExportHf { checkpoint, output } => trainer::checkpoint::export_hf(&checkpoint, &output)?,
         Command::Env => {
@@ -156,17 +197,4 @@ fn rank_from_env() -> usize {
         .iter()
         .find_map(|v| std::env::var(v).ok()?.parse().ok())
         .unwrap_or(0)
-}
-
-/// 6738415616 -> "6,738,415,616".
-fn group_thousands(n: i64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

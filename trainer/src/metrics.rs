@@ -600,6 +600,7 @@ mod tests {
             wait_seconds,
             host_syncs: 1,
             val_loss,
+            peak_memory_bytes: Some(1 << 20),
         }
     }
 

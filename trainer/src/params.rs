@@ -39,23 +39,23 @@ pub struct FlatParams {
     leaves: Vec<Vec<Tensor>>,
 }
 
-/// The dtype optimizer state and gradients are kept in for a given compute dtype.
-pub fn master_kind(kind: Kind) -> Kind {
-    match kind {
-        Kind::Double => Kind::Double,
-        _ => Kind::Float,
-    }
+/// Where every leaf sits in the flat buffers: leaves one after another in segment order, each
+/// segment padded to a multiple of `segment_multiple` (the data-parallel degree under ZeRO, so
+/// every rank owns an equal part of every segment).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatLayout {
+    /// Per segment, per leaf: the leaf's element range.
+    pub ranges: Vec<Vec<Range<i64>>>,
+    /// Per segment: where its padded range ends (the last one is the buffers' length).
+    pub segment_ends: Vec<i64>,
 }
 
-impl FlatParams {
-    /// Allocates zeroed buffers for `specs`; call `init` or `load_hf` to fill them. Each
-    /// segment's range is padded to a multiple of `segment_multiple` (the data-parallel
-    /// degree under ZeRO, so every rank owns an equal part of every segment).
-    pub fn new(specs: Vec<SegmentSpec>, kind: Kind, device: Device, segment_multiple: i64) -> FlatParams {
+impl FlatLayout {
+    pub fn new(specs: &[SegmentSpec], segment_multiple: i64) -> FlatLayout {
         let mut ranges = Vec::with_capacity(specs.len());
         let mut segment_ends = Vec::with_capacity(specs.len());
         let mut next = 0;
-        for segment in &specs {
+        for segment in specs {
             let leaf_ranges = segment
                 .leaves
                 .iter()
@@ -69,8 +69,26 @@ impl FlatParams {
             next = (next + segment_multiple - 1) / segment_multiple * segment_multiple;
             segment_ends.push(next);
         }
-        let values = Tensor::zeros([next], (kind, device));
-        let grads = Tensor::zeros([next], (master_kind(kind), device));
+        FlatLayout { ranges, segment_ends }
+    }
+}
+
+/// The dtype optimizer state and gradients are kept in for a given compute dtype.
+pub fn master_kind(kind: Kind) -> Kind {
+    match kind {
+        Kind::Double => Kind::Double,
+        _ => Kind::Float,
+    }
+}
+
+impl FlatParams {
+    /// Allocates zeroed buffers for `specs` laid out as [`FlatLayout`] says; call `init` or
+    /// `load_hf` to fill them.
+    pub fn new(specs: Vec<SegmentSpec>, kind: Kind, device: Device, segment_multiple: i64) -> FlatParams {
+        let FlatLayout { ranges, segment_ends } = FlatLayout::new(&specs, segment_multiple);
+        let numel = segment_ends.last().copied().unwrap_or(0);
+        let values = Tensor::zeros([numel], (kind, device));
+        let grads = Tensor::zeros([numel], (master_kind(kind), device));
         let leaves = specs
             .iter()
             .zip(&ranges)

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
 use crate::hf;
+use crate::memory::PeakMemory;
 use crate::metrics::Metrics;
 use crate::model::{segment_specs, TpShard};
 use crate::optim::learning_rate;
@@ -44,6 +45,11 @@ pub struct StepRecord {
     pub host_syncs: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// This rank's peak of allocated memory during the step's forward, backward and update,
+    /// above what the process held before the model was built ([`PeakMemory`]); absent where
+    /// it is not measured yet (CUDA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// The configured device; `cuda` means this rank's node-local GPU.
@@ -102,6 +108,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let leader = topology.rank == 0;
     let metrics = Metrics::start(config, &comm)?;
     let device = device_of(config, topology.local_rank)?;
+    let memory = PeakMemory::start(device).context("cannot start the memory sampler")?;
     let mut engine = build_engine(config, comm.clone())?;
     let (mut optimizer, first_step, cursor) = starting_state(config, &mut engine, &metrics)?;
     let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device, cursor)
@@ -132,9 +139,11 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let tp = topology.tensor.size as f64;
     let mut syncs = SyncCounter::start(device)?;
     let mut preempted = false;
+    let mut peak_memory: Option<u64> = None;
     for step in first_step..t.steps {
         let start = Instant::now();
         reset_phases(device);
+        memory.take(); // the step's window starts: evaluation and checkpoints are not counted
         let batch = data.next_batch(t.global_batch);
         lap(Phase::DataWait);
         let overlap = config.parallel.overlap_grad_reduce;
@@ -153,6 +162,8 @@ pub fn train(config: &Config) -> Result<Outcome> {
             metrics.record_skipped_step();
             tracing::warn!("step {}: gradient norm {grad_norm}, update skipped", step + 1);
         }
+        let peak_memory_bytes = memory.take();
+        peak_memory = peak_memory.max(peak_memory_bytes);
 
         let done = step + 1;
         let last = done == t.steps || t.stop_at_step == Some(done);
@@ -174,6 +185,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
             wait_seconds,
             host_syncs: syncs.count(),
             val_loss,
+            peak_memory_bytes,
         };
         metrics.record_step(&record);
         if let Some(log) = log.as_mut() {
@@ -194,6 +206,9 @@ pub fn train(config: &Config) -> Result<Outcome> {
         syncs = syncs.restart();
     }
     report_save(leader, &metrics, checkpointer.finish(&comm)?);
+    if let Some(bytes) = peak_memory {
+        info!("peak memory of this rank's steps: {:.1} MiB", bytes as f64 / (1u64 << 20) as f64);
+    }
     if preempted {
         if leader {
             info!("preempted by a signal: the checkpoint is saved; exiting with status {REQUEUE_EXIT_CODE} (requeue)");
