@@ -88,6 +88,12 @@ int torch_ext_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads, a
   });
 }
 
+// A copy of the CPU tensor `tensor` in pinned (page-locked) memory, as a new at::Tensor owned by
+// the caller (tch frees it); tch's wrapper passes a device argument that libtorch warns about.
+int torch_ext_pin_memory(const at::Tensor* tensor, at::Tensor** pinned) {
+  return guarded([&] { *pinned = new at::Tensor(tensor->pin_memory()); });
+}
+
 // Bytes the caching allocator of `device` has handed out: now, and at most since the last reset.
 int torch_ext_cuda_memory(int device, int64_t* allocated, int64_t* peak_allocated) {
 #ifdef TRAINER_WITH_CUDA

@@ -1,5 +1,6 @@
 //! The training loop's data: the configured token dataset as batches of windows, this rank's share, and the fixed validation set.
 use crate::config::{Config, DataFormat};
+use crate::torch_ext;
 use anyhow::{bail, Context, Result};
 use data_shards::{DataCursor, RankLoader, Split, TokenDataset, WindowSampler};
 use std::path::PathBuf;
@@ -82,12 +83,14 @@ impl TrainData {
     /// This rank's share of the next global batch: [global_batch / dp, seq_len + 1] token ids.
     /// On CUDA the copy goes through pinned memory without blocking the host (a copy from
     /// pageable memory would wait for every kernel queued before it).
-    pub fn next_batch(&mut self, global_batch: i64) -> Tensor {
+    pub fn next_batch(&mut self, global_batch: i64) -> Result<Tensor> {
         let tokens = self.loader.next_batch(global_batch as usize);
         let tokens = Tensor::from_slice(&tokens).view([-1, self.window]);
         match self.device {
-            Device::Cuda(_) => tokens.pin_memory(self.device).to_device_(self.device, Kind::Int64, true, false),
-            _ => tokens,
+            Device::Cuda(_) => {
+                Ok(torch_ext::pin_memory(&tokens)?.to_device_(self.device, Kind::Int64, true, false))
+            }
+            _ => Ok(tokens),
         }
     }
 

@@ -24,6 +24,7 @@ extern "C" {
         eps: f64,
         found_inf: TensorPtr,
     ) -> c_int;
+    fn torch_ext_pin_memory(tensor: TensorPtr, pinned: *mut *mut c_void) -> c_int;
     fn torch_ext_cuda_memory(device: c_int, allocated: *mut i64, peak_allocated: *mut i64) -> c_int;
     fn torch_ext_cuda_reset_peak_memory(device: c_int) -> c_int;
     fn torch_ext_count_cuda_syncs() -> c_int;
@@ -94,6 +95,17 @@ pub fn fused_adamw(group: &AdamWGroup, step: AdamWStep, found_inf: Option<&Tenso
         )
     };
     check(status, "fused AdamW")
+}
+
+/// A copy of the CPU tensor `tensor` in pinned memory, from which a copy to the GPU need not
+/// block the host.
+pub fn pin_memory(tensor: &Tensor) -> Result<Tensor> {
+    let mut pinned: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `tensor` is a live at::Tensor for the call; on success the shim stores a new
+    // at::Tensor allocated with `new`, which tch's Tensor owns and frees (as its own are).
+    check(unsafe { torch_ext_pin_memory(tensor.as_ptr().cast(), &mut pinned) }, "pinning memory")?;
+    // SAFETY: `pinned` is the valid, uniquely owned at::Tensor the shim just made.
+    Ok(unsafe { Tensor::from_ptr(pinned.cast()) })
 }
 
 /// Whether the shim was built with its CUDA half (libtorch with CUDA and the CUDA headers).

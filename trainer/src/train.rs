@@ -144,7 +144,7 @@ pub fn train(config: &Config) -> Result<Outcome> {
         let start = Instant::now();
         reset_phases(device);
         memory.take(); // the step's window starts: evaluation and checkpoints are not counted
-        let batch = data.next_batch(t.global_batch);
+        let batch = data.next_batch(t.global_batch)?;
         lap(Phase::DataWait);
         let overlap = config.parallel.overlap_grad_reduce;
         let loss = forward_backward_step(&engine, &optimizer, &batch, t.micro_batch, step_tokens, overlap)?;
