@@ -306,6 +306,22 @@ impl Manifest {
     }
 }
 
+/// File name of shard `index` of `split`: `train-00000.bin`, `valid-00012.bin`.
+pub fn shard_file_name(split: Split, index: usize) -> String {
+    format!("{}-{index:05}.bin", split.name())
+}
+
+/// Whether `name` is a file that `prepare` writes into a dataset directory (the manifest, the tokenizer, shards).
+pub fn is_dataset_file(name: &str) -> bool {
+    let is_shard = |split: Split| {
+        name.strip_prefix(split.name())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.strip_suffix(".bin"))
+            .is_some_and(|index| index.len() >= 5 && index.bytes().all(|b| b.is_ascii_digit()))
+    };
+    name == MANIFEST_FILE || name == TOKENIZER_FILE || Split::ALL.into_iter().any(is_shard)
+}
+
 /// xxh3-128 of `bytes` as 32 lowercase hex digits.
 pub fn checksum_hex(bytes: &[u8]) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))

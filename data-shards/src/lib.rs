@@ -4,6 +4,7 @@ pub mod corpus;
 pub mod dataset;
 pub mod error;
 pub mod format;
+pub mod output;
 pub mod prepare;
 pub mod sampler;
 pub mod tokenize;

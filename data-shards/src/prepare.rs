@@ -1,7 +1,7 @@
 //! `prepare`: tokenize a corpus in parallel into shard files + manifest, published atomically.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use crate::corpus::{discover, CorpusOptions, DocumentStream};
 use crate::error::DataError;
 use crate::format::{Dtype, Manifest, Split, TOKENIZER_FILE};
+use crate::output::{check_output, publish};
 use crate::tokenize::{load_tokenizer, vocab_size};
 use crate::writer::{DatasetWriter, ManifestMeta};
 
@@ -35,7 +36,7 @@ pub struct PrepareOptions {
     pub shard_tokens: u64,
     pub eos_token: String,
     pub dtype: DtypeChoice,
-    /// Replace an existing output directory.
+    /// Replace an existing output directory, if it is a dataset that `prepare` wrote (see [`check_output`]).
     pub force: bool,
     /// Let the tokenizer add its special tokens (e.g. BOS) to each document.
     pub add_special_tokens: bool,
@@ -90,9 +91,6 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
     if opts.shard_tokens == 0 {
         return Err(DataError::InvalidArgument("--shard-tokens must be at least 1".into()));
     }
-    if opts.output.exists() && !opts.force {
-        return Err(DataError::OutputExists { path: opts.output.clone() });
-    }
     let tokenizer = load_tokenizer(&opts.tokenizer)?;
     let vocab = vocab_size(&tokenizer);
     let eos_id = tokenizer.token_to_id(&opts.eos_token).ok_or_else(|| DataError::Tokenizer {
@@ -115,6 +113,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
         DtypeChoice::U16 => Dtype::U16,
     };
     let files = discover(&opts.corpus)?;
+    let inputs = opts.corpus.inputs.iter().chain(files.iter().map(|f| &f.path));
+    check_output(&opts.output, opts.force, inputs.map(PathBuf::as_path))?;
 
     let parent = match opts.output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -205,25 +205,4 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
     })?;
     publish(tmp, &opts.output, &parent)?;
     Ok(PrepareReport { manifest, input_bytes: stream.bytes_read, elapsed: started.elapsed() })
-}
-
-/// Renames the finished temporary directory to `output`, replacing an existing one (only
-/// reached with --force) by first moving it aside.
-fn publish(tmp: tempfile::TempDir, output: &Path, parent: &Path) -> Result<(), DataError> {
-    let mut old = None;
-    if output.exists() {
-        let aside =
-            tempfile::Builder::new().prefix(".old-").tempdir_in(parent).map_err(|e| DataError::io(parent, e))?;
-        let dst = aside.path().join("old");
-        std::fs::rename(output, &dst).map_err(|e| DataError::io(output, e))?;
-        old = Some(aside);
-    }
-    std::fs::rename(tmp.path(), output).map_err(|e| DataError::io(output, e))?;
-    // Renamed away: nothing left for the guard to delete.
-    let _ = tmp.keep();
-    if let Ok(d) = std::fs::File::open(parent) {
-        let _ = d.sync_all();
-    }
-    drop(old);
-    Ok(())
 }

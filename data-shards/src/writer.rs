@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::DataError;
 use crate::format::{
-    Dtype, Manifest, ShardHeader, ShardInfo, Split, SplitInfo, FORMAT_VERSION, HEADER_LEN, MANIFEST_FILE,
-    MANIFEST_FORMAT,
+    shard_file_name, Dtype, Manifest, ShardHeader, ShardInfo, Split, SplitInfo, FORMAT_VERSION, HEADER_LEN,
+    MANIFEST_FILE, MANIFEST_FORMAT,
 };
 
 /// Writes one shard file: header placeholder, tokens, then the document table and final header.
@@ -160,7 +160,7 @@ impl DatasetWriter {
     pub fn push_document(&mut self, split: Split, tokens: &[u32]) -> Result<(), DataError> {
         let sw = self.splits.iter_mut().find(|s| s.split == split).expect("both splits exist");
         if sw.current.is_none() {
-            let name = format!("{}-{:05}.bin", split.name(), sw.shards.len());
+            let name = shard_file_name(split, sw.shards.len());
             sw.current = Some(ShardWriter::create(&self.dir.join(name), self.dtype)?);
         }
         let cur = sw.current.as_mut().expect("just created");
