@@ -44,6 +44,9 @@ pub enum DataError {
     #[error("{}: invalid manifest: {message}; the dataset is incomplete or from another tool, re-run `data-shards prepare`", path.display())]
     Manifest { path: PathBuf, message: String },
 
+    #[error("tokenizer {}: named in manifest.json but missing; copy the tokenizer.json that `prepare` used there, or re-run `data-shards prepare`", path.display())]
+    MissingTokenizer { path: PathBuf },
+
     #[error("shard {}: bad magic bytes (expected {expected:?}, got {got:?}); this is not a data-shards file, re-run `data-shards prepare`", path.display())]
     BadMagic { path: PathBuf, expected: String, got: String },
 

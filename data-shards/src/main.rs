@@ -308,7 +308,7 @@ fn run(cli: Cli) -> Result<()> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             for i in 0..ds.num_documents() {
-                serde_json::to_writer(&mut out, &ds.document(i))?;
+                serde_json::to_writer(&mut out, &ds.document(i)?)?;
                 out.write_all(b"\n")?;
             }
             out.flush()?;

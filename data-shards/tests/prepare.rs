@@ -48,10 +48,10 @@ fn round_trip_matches_tokenizer_encode_plus_eos() {
         let in_valid = data_shards::prepare::is_valid_document(doc, 0.2);
         let got = if in_valid {
             vi += 1;
-            valid.document(vi - 1)
+            valid.document(vi - 1).unwrap()
         } else {
             ti += 1;
-            train.document(ti - 1)
+            train.document(ti - 1).unwrap()
         };
         assert_eq!(&got, exp, "document {doc:?}");
     }
@@ -59,7 +59,7 @@ fn round_trip_matches_tokenizer_encode_plus_eos() {
     let total: u64 = expected.iter().map(|e| e.len() as u64).sum();
     assert_eq!(train.num_tokens() + valid.num_tokens(), total);
     // Token windows across shard boundaries agree with documents.
-    let flat: Vec<u32> = (0..train.num_documents()).flat_map(|i| train.document(i)).collect();
+    let flat: Vec<u32> = (0..train.num_documents()).flat_map(|i| train.document(i).unwrap()).collect();
     assert_eq!(train.tokens(0, train.num_tokens()), flat);
 
     let m = Manifest::load(&out).unwrap();
@@ -243,7 +243,7 @@ fn large_vocab_uses_u32_and_u16_is_refused() {
     assert_eq!(ds.dtype(), Dtype::U32);
     assert_eq!(ds.vocab_size(), Some(70_000));
     let eos = ds.eos_id().unwrap();
-    assert_eq!(ds.document(0), vec![5, 69998, 65536, 12, eos, 1, eos]);
+    assert_eq!(ds.document(0).unwrap(), vec![5, 69998, 65536, 12, eos, 1, eos]);
     ds.verify_checksums().unwrap();
 }
 
