@@ -124,3 +124,38 @@ fn a_long_line_is_prepared_in_bounded_memory() {
     pieces.push(rest);
     assert!(documents(&out) == [encoded(&tok, &pieces)]);
 }
+
+#[test]
+fn special_tokens_are_added_once_around_a_long_document() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    write_corpus(&corpus, &make_docs(200, 10));
+    let trained = train(&corpus, &tmp.path().join("trained.json"), 600);
+    // The same tokenizer with a post-processor that puts <|endoftext|> (id 0) before a sequence, as BOS.
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&trained).unwrap()).unwrap();
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}
+    });
+    let tok_path = tmp.path().join("bos.json");
+    std::fs::write(&tok_path, json.to_string()).unwrap();
+    let tok = load_tokenizer(&tok_path).unwrap();
+    let short = "a short document\n";
+    let long = format!("{}\n", varied_text(300_000, 4));
+    let input = tmp.path().join("docs.txt");
+    std::fs::write(&input, format!("{short}%\n{long}")).unwrap();
+    let out = tmp.path().join("ds");
+    let args = ["prepare", "--input", input.to_str().unwrap(), "--doc-separator", "%", "--add-special-tokens"];
+    let rest = ["--tokenizer", tok_path.to_str().unwrap(), "--valid-fraction", "0", "--output", out.to_str().unwrap()];
+    assert_ok(&run(&[&args[..], &rest].concat(), &[]));
+    let with_eos = |mut ids: Vec<u32>| {
+        ids.push(0);
+        ids
+    };
+    let docs = documents(&out);
+    assert_eq!(docs[0], with_eos(tok.encode(short, true).unwrap().get_ids().to_vec()));
+    assert_eq!(docs[0][0], 0, "BOS");
+    assert!(docs[1] == with_eos(tok.encode(long.as_str(), true).unwrap().get_ids().to_vec()), "long document");
+}
