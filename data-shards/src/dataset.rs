@@ -211,6 +211,9 @@ impl TokenDataset {
             shards.push(shard);
         }
         let tokenizer_path = manifest.tokenizer.as_ref().map(|t| dir.join(t));
+        if let Some(path) = tokenizer_path.as_ref().filter(|p| !p.is_file()) {
+            return Err(DataError::MissingTokenizer { path: path.clone() });
+        }
         Ok(TokenDataset {
             source: dir.to_path_buf(),
             label: format!("{} split of {}", split, dir.display()),
@@ -412,15 +415,27 @@ impl TokenDataset {
         self.num_documents
     }
 
-    /// Tokens of document `i` (0-based over all shards, in order). Panics if out of range.
-    pub fn document(&self, i: u64) -> Vec<u32> {
+    /// Tokens of document `i` (0-based over all shards, in order); an error if the shard's document table puts it
+    /// out of order or past the shard's tokens ([`TokenDataset::open`] checks only the table's last entry, `verify`
+    /// all of them). Panics if `i` is out of range.
+    pub fn document(&self, i: u64) -> Result<Vec<u32>, DataError> {
         assert!(i < self.num_documents, "document {i} out of range ({} documents)", self.num_documents);
         let si = self.shards.partition_point(|s| s.doc_base <= i) - 1;
         let s = &self.shards[si];
-        let (a, b) = s.doc_range(i - s.doc_base);
+        let local = i - s.doc_base;
+        let (a, b) = s.doc_range(local);
+        if a > b || b > s.num_tokens {
+            return Err(DataError::Corrupt {
+                path: s.path.clone(),
+                message: format!(
+                    "document {local} spans tokens {a}..{b}, out of order or past the shard's {} tokens",
+                    s.num_tokens
+                ),
+            });
+        }
         let mut out = vec![0u32; (b - a) as usize];
         decode_into!(s.bytes(a, b - a), s.dtype, &mut out[..], u32);
-        out
+        Ok(out)
     }
 
     /// Tokens `[start, start + len)` of the whole split (may cross shard files).
@@ -485,7 +500,8 @@ impl TokenDataset {
         self.eos_id
     }
 
-    /// Path of the tokenizer copied into the dataset directory, if any.
+    /// Path of the tokenizer copied into the dataset directory, if the manifest names one ([`TokenDataset::open`]
+    /// checked that it is there).
     pub fn tokenizer_path(&self) -> Option<PathBuf> {
         self.tokenizer_path.clone()
     }

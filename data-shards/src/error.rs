@@ -29,14 +29,23 @@ pub enum DataError {
     #[error("tokenizer {}: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
 
-    #[error("output {}: already exists; pass --force to replace it or choose another --output", path.display())]
+    #[error("output {}: already exists; pass --force to replace it (only a dataset written by `data-shards prepare` can be replaced) or choose another --output", path.display())]
     OutputExists { path: PathBuf },
+
+    #[error("output {}: {reason}; --force replaces only a dataset directory written by `data-shards prepare`, so choose another --output or move it away yourself", path.display())]
+    OutputNotReplaceable { path: PathBuf, reason: String },
+
+    #[error("output {}: the new dataset is in place, but the one it replaced, moved to {}, now holds files that `prepare` did not write; they were kept there", path.display(), kept.display())]
+    ReplacedOutputKept { path: PathBuf, kept: PathBuf },
 
     #[error("tokenizer {}: vocabulary of {vocab_size} tokens does not fit in u16 (max 65536); use --dtype u32 or --dtype auto", path.display())]
     VocabTooLargeForU16 { path: PathBuf, vocab_size: u64 },
 
     #[error("{}: invalid manifest: {message}; the dataset is incomplete or from another tool, re-run `data-shards prepare`", path.display())]
     Manifest { path: PathBuf, message: String },
+
+    #[error("tokenizer {}: named in manifest.json but missing; copy the tokenizer.json that `prepare` used there, or re-run `data-shards prepare`", path.display())]
+    MissingTokenizer { path: PathBuf },
 
     #[error("shard {}: bad magic bytes (expected {expected:?}, got {got:?}); this is not a data-shards file, re-run `data-shards prepare`", path.display())]
     BadMagic { path: PathBuf, expected: String, got: String },

@@ -278,6 +278,18 @@ impl Manifest {
                 supported: FORMAT_VERSION.into(),
             });
         }
+        if let Some(name) = m.tokenizer.as_deref().filter(|name| !is_plain_file_name(name)) {
+            return Err(DataError::Manifest {
+                path,
+                message: format!("tokenizer file name {name:?} is not a plain name"),
+            });
+        }
+        if let Some(eos) = m.eos_id.filter(|&eos| eos >= m.vocab_size) {
+            return Err(DataError::Manifest {
+                path,
+                message: format!("eos_id {eos} is outside the vocabulary of {}", m.vocab_size),
+            });
+        }
         if m.dtype.shard_code().is_none() {
             return Err(DataError::Manifest { path, message: format!("dtype {} cannot be stored in shards", m.dtype) });
         }
@@ -285,16 +297,16 @@ impl Manifest {
             if name.parse::<Split>().is_err() {
                 return Err(DataError::Manifest { path, message: format!("unknown split {name:?}") });
             }
-            let toks: u64 = s.shards.iter().map(|x| x.num_tokens).sum();
-            let docs: u64 = s.shards.iter().map(|x| x.num_documents).sum();
-            if toks != s.num_tokens || docs != s.num_documents {
+            let total =
+                |count: fn(&ShardInfo) -> u64| s.shards.iter().try_fold(0u64, |sum, x| sum.checked_add(count(x)));
+            if total(|x| x.num_tokens) != Some(s.num_tokens) || total(|x| x.num_documents) != Some(s.num_documents) {
                 return Err(DataError::Manifest {
                     path,
                     message: format!("split {name}: totals do not add up over its shards"),
                 });
             }
             for sh in &s.shards {
-                if sh.file.contains('/') || sh.file.contains('\\') || sh.file.starts_with('.') {
+                if !is_plain_file_name(&sh.file) {
                     return Err(DataError::Manifest {
                         path,
                         message: format!("shard file name {:?} is not a plain name", sh.file),
@@ -304,6 +316,27 @@ impl Manifest {
         }
         Ok(m)
     }
+}
+
+/// Whether a file name from a manifest names a file inside the dataset directory (no separator, not hidden).
+fn is_plain_file_name(name: &str) -> bool {
+    !(name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.'))
+}
+
+/// File name of shard `index` of `split`: `train-00000.bin`, `valid-00012.bin`.
+pub fn shard_file_name(split: Split, index: usize) -> String {
+    format!("{}-{index:05}.bin", split.name())
+}
+
+/// Whether `name` is a file that `prepare` writes into a dataset directory (the manifest, the tokenizer, shards).
+pub fn is_dataset_file(name: &str) -> bool {
+    let is_shard = |split: Split| {
+        name.strip_prefix(split.name())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.strip_suffix(".bin"))
+            .is_some_and(|index| index.len() >= 5 && index.bytes().all(|b| b.is_ascii_digit()))
+    };
+    name == MANIFEST_FILE || name == TOKENIZER_FILE || Split::ALL.into_iter().any(is_shard)
 }
 
 /// xxh3-128 of `bytes` as 32 lowercase hex digits.

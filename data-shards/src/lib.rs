@@ -2,10 +2,13 @@
 
 pub mod corpus;
 pub mod dataset;
+pub mod doc_tokens;
 pub mod error;
 pub mod format;
+pub mod output;
 pub mod prepare;
 pub mod sampler;
+pub mod stream;
 pub mod tokenize;
 pub mod writer;
 

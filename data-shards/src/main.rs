@@ -126,7 +126,8 @@ enum Command {
         eos_token: String,
         #[arg(long, value_enum, default_value = "auto")]
         dtype: DtypeArg,
-        /// Replace an existing output directory.
+        /// Replace an existing output directory, if it is a dataset written by `prepare` (a data-shards
+        /// manifest.json and only the files prepare writes) that contains no input; nothing else is ever deleted.
         #[arg(long)]
         force: bool,
         /// Let the tokenizer's post-processor add its special tokens (e.g. BOS) per document.
@@ -307,7 +308,7 @@ fn run(cli: Cli) -> Result<()> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             for i in 0..ds.num_documents() {
-                serde_json::to_writer(&mut out, &ds.document(i))?;
+                serde_json::to_writer(&mut out, &ds.document(i)?)?;
                 out.write_all(b"\n")?;
             }
             out.flush()?;

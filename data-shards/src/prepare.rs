@@ -1,16 +1,19 @@
 //! `prepare`: tokenize a corpus in parallel into shard files + manifest, published atomically.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
-use crate::corpus::{discover, CorpusOptions, DocumentStream};
+use crate::corpus::{discover, CorpusOptions};
+use crate::doc_tokens::DocumentTokens;
 use crate::error::DataError;
 use crate::format::{Dtype, Manifest, Split, TOKENIZER_FILE};
-use crate::tokenize::{load_tokenizer, vocab_size};
+use crate::output::{check_output, publish};
+use crate::stream::{DocEnd, DocumentStream, Piece};
+use crate::tokenize::{load_tokenizer, special_tokens_around, vocab_size};
 use crate::writer::{DatasetWriter, ManifestMeta};
 
 /// Requested token storage type.
@@ -35,7 +38,7 @@ pub struct PrepareOptions {
     pub shard_tokens: u64,
     pub eos_token: String,
     pub dtype: DtypeChoice,
-    /// Replace an existing output directory.
+    /// Replace an existing output directory, if it is a dataset that `prepare` wrote (see [`check_output`]).
     pub force: bool,
     /// Let the tokenizer add its special tokens (e.g. BOS) to each document.
     pub add_special_tokens: bool,
@@ -69,19 +72,24 @@ pub struct PrepareReport {
     pub elapsed: Duration,
 }
 
-/// Texts per parallel batch: large enough to keep all cores busy, small enough to bound memory.
+/// Pieces of text per parallel batch: large enough to keep all cores busy, small enough to bound memory.
 const BATCH_BYTES: usize = 8 << 20;
-const BATCH_DOCS: usize = 16384;
+const BATCH_PIECES: usize = 16384;
 
 /// True when a document with this content goes to the validation split.
 pub fn is_valid_document(text: &str, valid_fraction: f64) -> bool {
-    let threshold = (valid_fraction * 18_446_744_073_709_551_616.0) as u64;
-    xxhash_rust::xxh3::xxh3_64(text.as_bytes()) < threshold
+    hash_in_valid_split(xxhash_rust::xxh3::xxh3_64(text.as_bytes()), valid_fraction)
+}
+
+/// True when a document whose text has this xxh3-64 goes to the validation split.
+fn hash_in_valid_split(hash: u64, valid_fraction: f64) -> bool {
+    hash < (valid_fraction * 18_446_744_073_709_551_616.0) as u64
 }
 
 /// Tokenizes the corpus into `opts.output`. Output is byte-identical for the same inputs and
-/// tokenizer regardless of thread count: documents are read in order, tokenized in parallel in
-/// batches, and written in order.
+/// tokenizer regardless of thread count: documents are read in order, in pieces of bounded size
+/// (see [`crate::stream`]), tokenized in parallel in batches, and written in order. Memory does
+/// not grow with a document's length: a long document's ids beyond 16 MiB wait in a temporary file.
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
     let started = Instant::now();
     if !(0.0..1.0).contains(&opts.valid_fraction) {
@@ -89,9 +97,6 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
     }
     if opts.shard_tokens == 0 {
         return Err(DataError::InvalidArgument("--shard-tokens must be at least 1".into()));
-    }
-    if opts.output.exists() && !opts.force {
-        return Err(DataError::OutputExists { path: opts.output.clone() });
     }
     let tokenizer = load_tokenizer(&opts.tokenizer)?;
     let vocab = vocab_size(&tokenizer);
@@ -115,6 +120,8 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
         DtypeChoice::U16 => Dtype::U16,
     };
     let files = discover(&opts.corpus)?;
+    let inputs = opts.corpus.inputs.iter().chain(files.iter().map(|f| &f.path));
+    check_output(&opts.output, opts.force, inputs.map(PathBuf::as_path))?;
 
     let parent = match opts.output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -147,17 +154,24 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
         ProgressBar::hidden()
     };
 
+    let (head, mut tail) = if opts.add_special_tokens {
+        special_tokens_around(&tokenizer, &opts.tokenizer)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    tail.push(eos_id);
     let mut writer = DatasetWriter::new(tmp.path(), dtype, opts.shard_tokens);
+    let mut doc = DocumentTokens::new(tmp.path());
     let mut total_tokens = 0u64;
-    let mut batch: Vec<String> = Vec::new();
+    let mut batch: Vec<Piece> = Vec::new();
     loop {
         batch.clear();
         let mut batch_bytes = 0usize;
-        while batch_bytes < BATCH_BYTES && batch.len() < BATCH_DOCS {
-            match stream.next_document()? {
-                Some(d) => {
-                    batch_bytes += d.len();
-                    batch.push(d);
+        while batch_bytes < BATCH_BYTES && batch.len() < BATCH_PIECES {
+            match stream.next_piece()? {
+                Some(piece) => {
+                    batch_bytes += piece.text.len();
+                    batch.push(piece);
                 }
                 None => break,
             }
@@ -165,23 +179,28 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
         if batch.is_empty() {
             break;
         }
-        let encoded: Vec<Result<(Split, Vec<u32>), String>> = batch
+        let encoded: Vec<Result<Vec<u32>, String>> = batch
             .par_iter()
-            .map(|text| {
-                let enc = tokenizer.encode_fast(text.as_str(), opts.add_special_tokens).map_err(|e| e.to_string())?;
-                let mut ids = enc.get_ids().to_vec();
-                ids.push(eos_id);
-                let split = if is_valid_document(text, opts.valid_fraction) { Split::Valid } else { Split::Train };
-                Ok((split, ids))
+            .map(|piece| {
+                let enc = tokenizer.encode_fast(piece.text.as_str(), false).map_err(|e| e.to_string())?;
+                Ok(enc.get_ids().to_vec())
             })
             .collect();
-        for r in encoded {
-            let (split, ids) = r.map_err(|message| DataError::Tokenizer {
+        for (piece, ids) in batch.iter().zip(encoded) {
+            let ids = ids.map_err(|message| DataError::Tokenizer {
                 path: opts.tokenizer.clone(),
                 message: format!("encoding failed: {message}"),
             })?;
-            total_tokens += ids.len() as u64;
-            writer.push_document(split, &ids)?;
+            doc.push(&piece.text, &ids)?;
+            match piece.end {
+                DocEnd::Continues => {}
+                DocEnd::Drop => doc.clear(),
+                DocEnd::Keep => {
+                    let valid = hash_in_valid_split(doc.text_hash(), opts.valid_fraction);
+                    let split = if valid { Split::Valid } else { Split::Train };
+                    total_tokens += doc.write_to(&mut writer, split, &head, &tail)?;
+                }
+            }
         }
         bar.set_position(stream.bytes_read);
         bar.set_message(format!("{total_tokens} tokens"));
@@ -205,25 +224,4 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
     })?;
     publish(tmp, &opts.output, &parent)?;
     Ok(PrepareReport { manifest, input_bytes: stream.bytes_read, elapsed: started.elapsed() })
-}
-
-/// Renames the finished temporary directory to `output`, replacing an existing one (only
-/// reached with --force) by first moving it aside.
-fn publish(tmp: tempfile::TempDir, output: &Path, parent: &Path) -> Result<(), DataError> {
-    let mut old = None;
-    if output.exists() {
-        let aside =
-            tempfile::Builder::new().prefix(".old-").tempdir_in(parent).map_err(|e| DataError::io(parent, e))?;
-        let dst = aside.path().join("old");
-        std::fs::rename(output, &dst).map_err(|e| DataError::io(output, e))?;
-        old = Some(aside);
-    }
-    std::fs::rename(tmp.path(), output).map_err(|e| DataError::io(output, e))?;
-    // Renamed away: nothing left for the guard to delete.
-    let _ = tmp.keep();
-    if let Ok(d) = std::fs::File::open(parent) {
-        let _ = d.sync_all();
-    }
-    drop(old);
-    Ok(())
 }

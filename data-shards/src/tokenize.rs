@@ -7,10 +7,11 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::PostProcessorWrapper;
-use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
+use tokenizers::{AddedToken, Encoding, Token, Tokenizer, TokenizerBuilder};
 
-use crate::corpus::{discover, CorpusOptions, DocumentStream};
+use crate::corpus::{discover, CorpusOptions};
 use crate::error::DataError;
+use crate::stream::DocumentStream;
 
 /// Default end-of-document token.
 pub const DEFAULT_EOS: &str = "<|endoftext|>";
@@ -34,6 +35,29 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, DataError> {
     })?;
     tok.with_padding(None);
     Ok(tok)
+}
+
+/// The ids that the tokenizer's post-processor puts before and after a sequence (e.g. BOS) when it adds special
+/// tokens, found by post-processing one placeholder token. `prepare` encodes a document in pieces and adds these
+/// once around the whole.
+pub fn special_tokens_around(tok: &Tokenizer, path: &Path) -> Result<(Vec<u32>, Vec<u32>), DataError> {
+    let placeholder = u32::MAX;
+    let probe = Encoding::from_tokens(vec![Token::new(placeholder, String::new(), (0, 0))], 0);
+    let processed = tok.post_process(probe, None, true).map_err(|e| DataError::Tokenizer {
+        path: path.to_path_buf(),
+        message: format!("its post-processor failed ({e})"),
+    })?;
+    let ids = processed.get_ids();
+    match ids.iter().position(|&id| id == placeholder) {
+        Some(at) if ids.iter().filter(|&&id| id == placeholder).count() == 1 => {
+            Ok((ids[..at].to_vec(), ids[at + 1..].to_vec()))
+        }
+        _ => Err(DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: "its post-processor does more than add tokens around a sequence; leave out --add-special-tokens"
+                .into(),
+        }),
+    }
 }
 
 /// One more than the largest token id (added tokens included).

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::DataError;
 use crate::format::{
-    Dtype, Manifest, ShardHeader, ShardInfo, Split, SplitInfo, FORMAT_VERSION, HEADER_LEN, MANIFEST_FILE,
-    MANIFEST_FORMAT,
+    shard_file_name, Dtype, Manifest, ShardHeader, ShardInfo, Split, SplitInfo, FORMAT_VERSION, HEADER_LEN,
+    MANIFEST_FILE, MANIFEST_FORMAT,
 };
 
 /// Writes one shard file: header placeholder, tokens, then the document table and final header.
@@ -50,6 +50,13 @@ impl ShardWriter {
 
     /// Appends one document's tokens (the caller includes any EOS).
     pub fn push_document(&mut self, tokens: &[u32]) -> Result<(), DataError> {
+        self.push_tokens(tokens)?;
+        self.end_document();
+        Ok(())
+    }
+
+    /// Appends tokens to the current document.
+    pub fn push_tokens(&mut self, tokens: &[u32]) -> Result<(), DataError> {
         self.scratch.clear();
         match self.dtype {
             Dtype::U16 => {
@@ -71,8 +78,12 @@ impl ShardWriter {
         }
         self.out.write_all(&self.scratch).map_err(|e| DataError::io(&self.path, e))?;
         self.num_tokens += tokens.len() as u64;
-        self.doc_ends.push(self.num_tokens);
         Ok(())
+    }
+
+    /// Ends the current document after the tokens pushed so far.
+    pub fn end_document(&mut self) {
+        self.doc_ends.push(self.num_tokens);
     }
 
     /// Tokens written so far.
@@ -158,18 +169,36 @@ impl DatasetWriter {
 
     /// Appends a document (tokens including EOS) to `split`.
     pub fn push_document(&mut self, split: Split, tokens: &[u32]) -> Result<(), DataError> {
-        let sw = self.splits.iter_mut().find(|s| s.split == split).expect("both splits exist");
-        if sw.current.is_none() {
-            let name = format!("{}-{:05}.bin", split.name(), sw.shards.len());
-            sw.current = Some(ShardWriter::create(&self.dir.join(name), self.dtype)?);
-        }
-        let cur = sw.current.as_mut().expect("just created");
-        cur.push_document(tokens)?;
-        if cur.num_tokens() >= self.shard_tokens {
+        self.push_tokens(split, tokens)?;
+        self.end_document(split)
+    }
+
+    /// Appends tokens to the current document of `split`, which [`DatasetWriter::end_document`] ends.
+    pub fn push_tokens(&mut self, split: Split, tokens: &[u32]) -> Result<(), DataError> {
+        self.current(split)?.push_tokens(tokens)
+    }
+
+    /// Ends the current document of `split`; closes its shard file once it holds `shard_tokens` tokens.
+    pub fn end_document(&mut self, split: Split) -> Result<(), DataError> {
+        let shard_tokens = self.shard_tokens;
+        let shard = self.current(split)?;
+        shard.end_document();
+        if shard.num_tokens() >= shard_tokens {
+            let sw = self.splits.iter_mut().find(|s| s.split == split).expect("both splits exist");
             let done = sw.current.take().expect("current shard");
             sw.shards.push(done.finish()?);
         }
         Ok(())
+    }
+
+    /// The shard file being written for `split`, created if there is none.
+    fn current(&mut self, split: Split) -> Result<&mut ShardWriter, DataError> {
+        let sw = self.splits.iter_mut().find(|s| s.split == split).expect("both splits exist");
+        if sw.current.is_none() {
+            let name = shard_file_name(split, sw.shards.len());
+            sw.current = Some(ShardWriter::create(&self.dir.join(name), self.dtype)?);
+        }
+        Ok(sw.current.as_mut().expect("just created"))
     }
 
     /// Finishes all shards and writes `manifest.json`; returns the manifest.

@@ -5,6 +5,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use data_shards::{Split, TokenDataset};
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -237,4 +238,47 @@ fn megatron_problems_name_the_file() {
     std::fs::write(prefix.with_extension("idx"), &idx).unwrap();
     let r = run(&["inspect", "--megatron", s(&prefix)], &[]);
     assert_fails_with(&r, &["mg.idx", "format version 2 is not supported"]);
+}
+
+#[test]
+fn dataset_without_its_tokenizer() {
+    let f = fixture();
+    let ds = prepared(&f);
+    let tok = ds.join("tokenizer.json");
+    std::fs::remove_file(&tok).unwrap();
+    for args in [vec!["verify", s(&ds)], vec!["inspect", s(&ds)], vec!["decode", s(&ds), "--len", "5"]] {
+        assert_fails_with(&run(&args, &[]), &[s(&tok), "missing", "tokenizer.json"]);
+    }
+    // The library names it too (the trainer opens its data with TokenDataset::open).
+    let err = TokenDataset::open(&ds, Split::Train).unwrap_err().to_string();
+    assert!(err.contains(s(&tok)) && err.contains("missing"), "{err}");
+}
+
+#[test]
+fn document_table_past_the_end_is_an_error_not_an_allocation() {
+    let f = fixture();
+    let ds = prepared(&f);
+    let shard = ds.join("train-00000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let num_tokens = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    let table = 64 + 2 * num_tokens;
+    bytes[table..table + 8].copy_from_slice(&(1u64 << 41).to_le_bytes());
+    std::fs::write(&shard, &bytes).unwrap();
+    let r = run(&["dump-docs", s(&ds)], &[]);
+    assert_fails_with(&r, &[s(&shard), "document 0 spans tokens 0..2199023255552", "re-run `data-shards prepare`"]);
+    rewrite_checksums(&ds);
+    assert_fails_with(&run(&["verify", s(&ds)], &[]), &[s(&shard), "document 0 ends at token 2199023255552"]);
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_found_by_verify() {
+    let f = fixture();
+    let ds = prepared(&f);
+    let shard = ds.join("train-00001.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[64 + 2 * 7..64 + 2 * 8].copy_from_slice(&60000u16.to_le_bytes());
+    std::fs::write(&shard, &bytes).unwrap();
+    rewrite_checksums(&ds);
+    let r = run(&["verify", s(&ds)], &[]);
+    assert_fails_with(&r, &[s(&shard), "token 60000 at position 7 is outside the vocabulary of 400"]);
 }

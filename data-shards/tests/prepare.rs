@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
@@ -47,10 +48,10 @@ fn round_trip_matches_tokenizer_encode_plus_eos() {
         let in_valid = data_shards::prepare::is_valid_document(doc, 0.2);
         let got = if in_valid {
             vi += 1;
-            valid.document(vi - 1)
+            valid.document(vi - 1).unwrap()
         } else {
             ti += 1;
-            train.document(ti - 1)
+            train.document(ti - 1).unwrap()
         };
         assert_eq!(&got, exp, "document {doc:?}");
     }
@@ -58,7 +59,7 @@ fn round_trip_matches_tokenizer_encode_plus_eos() {
     let total: u64 = expected.iter().map(|e| e.len() as u64).sum();
     assert_eq!(train.num_tokens() + valid.num_tokens(), total);
     // Token windows across shard boundaries agree with documents.
-    let flat: Vec<u32> = (0..train.num_documents()).flat_map(|i| train.document(i)).collect();
+    let flat: Vec<u32> = (0..train.num_documents()).flat_map(|i| train.document(i).unwrap()).collect();
     assert_eq!(train.tokens(0, train.num_tokens()), flat);
 
     let m = Manifest::load(&out).unwrap();
@@ -106,13 +107,89 @@ fn refuses_to_overwrite_unless_forced() {
     let base = prepare_args(&corpus, &tok, &out, &[]);
     assert_fails_with(&run(&base, &[]), &[out.to_str().unwrap(), "already exists", "--force"]);
     assert!(out.join("keep.txt").exists());
+    // --force replaces only a dataset that `prepare` wrote: keep.txt is not one.
     let mut forced = base.clone();
     forced.push("--force");
+    assert_fails_with(&run(&forced, &[]), &[out.to_str().unwrap(), "has no data-shards manifest.json"]);
+    assert_eq!(dir_contents(&out), [("keep.txt".to_string(), b"old".to_vec())]);
+
+    let ds = tmp.path().join("ds2");
+    let base = prepare_args(&corpus, &tok, &ds, &["--valid-fraction", "0.5"]);
+    assert_ok(&run(&base, &[]));
+    assert_fails_with(&run(&base, &[]), &[ds.to_str().unwrap(), "already exists", "--force"]);
+    let mut forced = prepare_args(&corpus, &tok, &ds, &["--valid-fraction", "0"]);
+    forced.push("--force");
     assert_ok(&run(&forced, &[]));
-    assert!(!out.join("keep.txt").exists());
-    assert!(out.join("manifest.json").exists());
-    let out2 = String::from_utf8(run(&["verify", out.to_str().unwrap()], &[]).stdout).unwrap();
+    let out2 = String::from_utf8(run(&["verify", ds.to_str().unwrap()], &[]).stdout).unwrap();
     assert!(out2.contains("ok: train split"), "{out2}");
+    // The new dataset has no validation shard: the old one's was removed with it.
+    assert!(!ds.join("valid-00000.bin").exists());
+    let names: HashSet<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+}
+
+/// `prepare --force` of `corpus` into `output`: it must fail naming `output` and `why`, and leave every file of
+/// `tmp` as it was.
+fn assert_force_refused(tmp: &Path, corpus: &Path, tok: &Path, output: &Path, why: &str) {
+    let before = tree(tmp);
+    let r = run(&prepare_args(corpus, tok, output, &["--force"]), &[]);
+    assert_fails_with(&r, &[output.to_str().unwrap(), why, "--force replaces only a dataset"]);
+    assert_eq!(tree(tmp), before, "prepare --force changed files");
+}
+
+/// Every path under `dir` with its contents (None for directories and links), sorted.
+fn tree(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            out.push((path.clone(), None));
+            out.extend(tree(&path));
+        } else {
+            out.push((path.clone(), meta.is_file().then(|| std::fs::read(&path).unwrap())));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn force_replaces_nothing_but_a_dataset_and_never_one_holding_an_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let corpus = root.join("corpus");
+    write_corpus(&corpus, &make_docs(60, 5));
+    let tok = train(&corpus, &root.join("tok.json"), 400);
+    // The input corpus itself, a directory of notes, an empty directory, a file, a link to a dataset.
+    assert_force_refused(root, &corpus, &tok, &corpus, &format!("contains the input {}", corpus.display()));
+    let notes = root.join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(notes.join("todo.txt"), "keep me").unwrap();
+    assert_force_refused(root, &corpus, &tok, &notes, "has no data-shards manifest.json");
+    std::fs::create_dir(root.join("empty")).unwrap();
+    assert_force_refused(root, &corpus, &tok, &root.join("empty"), "has no data-shards manifest.json");
+    assert_force_refused(root, &corpus, &tok, &tok, "is not a directory");
+    let ds = root.join("ds");
+    assert_ok(&run(&prepare_args(&corpus, &tok, &ds, &[]), &[]));
+    let link = root.join("link");
+    std::os::unix::fs::symlink(&ds, &link).unwrap();
+    assert_force_refused(root, &corpus, &tok, &link, "is a symbolic link");
+    // A dataset with a file that prepare did not write, or a subdirectory.
+    std::fs::write(ds.join("notes.txt"), "mine").unwrap();
+    assert_force_refused(root, &corpus, &tok, &ds, "holds notes.txt, which `prepare` did not write");
+    std::fs::remove_file(ds.join("notes.txt")).unwrap();
+    std::fs::create_dir(ds.join("sub")).unwrap();
+    assert_force_refused(root, &corpus, &tok, &ds, "holds sub, which `prepare` did not write");
+    std::fs::remove_dir(ds.join("sub")).unwrap();
+    // A dataset that holds an input of this run (here a corpus file inside it, or the corpus around it).
+    std::fs::copy(corpus.join("a.txt"), root.join("a.txt")).unwrap();
+    let inner = ds.join("tokenizer.json");
+    assert_force_refused(root, &inner, &tok, &ds, &format!("contains the input {}", inner.display()));
+    let nested = corpus.join("ds");
+    assert_ok(&run(&prepare_args(&root.join("a.txt"), &tok, &nested, &[]), &[]));
+    assert_force_refused(root, &corpus, &tok, &nested, "contains the input");
 }
 
 #[test]
@@ -166,7 +243,7 @@ fn large_vocab_uses_u32_and_u16_is_refused() {
     assert_eq!(ds.dtype(), Dtype::U32);
     assert_eq!(ds.vocab_size(), Some(70_000));
     let eos = ds.eos_id().unwrap();
-    assert_eq!(ds.document(0), vec![5, 69998, 65536, 12, eos, 1, eos]);
+    assert_eq!(ds.document(0).unwrap(), vec![5, 69998, 65536, 12, eos, 1, eos]);
     ds.verify_checksums().unwrap();
 }
 

@@ -1,5 +1,8 @@
 //! The `launcher` command line: starts the trainer's ranks through `mpirun` and reports how the job ended.
+mod guard;
 mod mpirun;
+mod procs;
+mod signals;
 mod slurm;
 mod supervise;
 
@@ -25,13 +28,28 @@ enum Command {
     /// Write an sbatch script that runs the trainer's ranks with `srun --mpi=pmix` and requeues the job when it is
     /// preempted; print it, or submit it with `--submit`.
     Slurm(SlurmArgs),
+    /// (Started by `launcher run` itself.) Wait for the end of stdin, which comes when the launcher dies, then end
+    /// the job of mpirun MPIRUN_PID.
+    #[command(hide = true)]
+    Guard {
+        #[arg(value_name = "MPIRUN_PID", value_parser = parse_pid)]
+        mpirun: rustix::process::Pid,
+    },
+}
+
+fn parse_pid(text: &str) -> Result<rustix::process::Pid, String> {
+    text.parse().ok().and_then(rustix::process::Pid::from_raw).ok_or_else(|| format!("{text:?} is not a process id"))
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Number of ranks to start.
+    /// Number of ranks to start. Without --hostfile, at most 4 per CPU of this machine unless --oversubscribe.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     nproc: u32,
+
+    /// Start more than 4 ranks per CPU on this machine anyway.
+    #[arg(long)]
+    oversubscribe: bool,
 
     /// Program every rank runs [default: the `trainer` binary next to this launcher].
     #[arg(long, value_name = "PATH")]
@@ -51,12 +69,17 @@ struct RunArgs {
     max_restarts: u32,
 
     /// Seconds to wait before the first restart after a failure; doubled for each further one, at most 300.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_seconds)]
-    restart_backoff: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
+    restart_backoff: Duration,
 
     /// When the job exits 75 (preempted: it saved a checkpoint), start it again at once instead of exiting 75.
     #[arg(long)]
     restart_on_preempt: bool,
+
+    /// After SIGINT/SIGTERM to the launcher (passed on to the ranks as SIGTERM), kill the job (SIGKILL) if it is
+    /// still running this many seconds later; a second SIGINT/SIGTERM kills it at once.
+    #[arg(long, value_name = "SECONDS", default_value = "120", value_parser = parse_seconds)]
+    kill_after: Duration,
 
     /// Arguments for the program, after `--`.
     #[arg(last = true, value_name = "PROGRAM_ARGS")]
@@ -125,10 +148,13 @@ struct SlurmArgs {
     program_args: Vec<OsString>,
 }
 
-fn parse_seconds(text: &str) -> Result<f64, String> {
+/// The longest duration an option takes (about 31 years): longer ones cannot be added to a clock reading.
+const MAX_SECONDS: f64 = 1e9;
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
     match text.parse::<f64>() {
-        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Ok(seconds),
-        _ => Err(format!("{text:?} is not a number of seconds >= 0")),
+        Ok(seconds) if (0.0..=MAX_SECONDS).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err(format!("{text:?} is not a number of seconds from 0 to {MAX_SECONDS:e}")),
     }
 }
 
@@ -146,10 +172,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run_job(args),
         Command::Slurm(args) => slurm_job(args),
+        Command::Guard { mpirun } => Ok(guard::watch(mpirun)),
     }
 }
 
+/// Ranks per CPU that `launcher run` starts on this machine without --oversubscribe: the demo runs 4 ranks on 2
+/// cores; far beyond that a job only thrashes, and mpirun hangs trying to start tens of thousands.
+const MAX_RANKS_PER_CPU: u32 = 4;
+
+/// Refuses more ranks than this machine takes, unless they go to other hosts or are oversubscribed on purpose.
+fn check_nproc(args: &RunArgs) -> Result<()> {
+    if args.hostfile.is_some() || args.oversubscribe {
+        return Ok(());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let limit = cpus.saturating_mul(MAX_RANKS_PER_CPU);
+    if args.nproc > limit {
+        bail!(
+            "--nproc {} is more than this machine takes: {cpus} CPU(s), at most {MAX_RANKS_PER_CPU} ranks per CPU \
+             ({limit}); pass --oversubscribe to start them all here on purpose, or --hostfile FILE to spread them over \
+             several hosts",
+            args.nproc
+        );
+    }
+    Ok(())
+}
+
 fn run_job(args: RunArgs) -> Result<ExitCode> {
+    check_nproc(&args)?;
     let program = match args.program {
         Some(program) => program,
         None => default_program()?,
@@ -173,8 +223,9 @@ fn run_job(args: RunArgs) -> Result<ExitCode> {
     };
     let policy = supervise::Policy {
         max_restarts: args.max_restarts,
-        backoff: Duration::from_secs_f64(args.restart_backoff),
+        backoff: args.restart_backoff,
         restart_on_preempt: args.restart_on_preempt,
+        kill_after: args.kill_after,
     };
     let code = supervise::supervise(job, &policy)?;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))

@@ -1,7 +1,8 @@
-//! One `mpirun` job: building its command line, running it with signal forwarding, and relaying its ranks' output.
+//! One `mpirun` job: building its command line, running it in a session of its own under a guard, and relaying its ranks' output.
+use crate::guard::Guard;
+use crate::procs;
+use crate::signals::{SignalForwarder, Stopped};
 use anyhow::{bail, Context, Result};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -9,7 +10,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -35,109 +36,13 @@ pub struct Job {
 pub struct Outcome {
     /// mpirun's exit status.
     pub status: ExitStatus,
-    /// The last signal the launcher received and forwarded to mpirun during this job, e.g. `SIGTERM`.
-    pub forwarded_signal: Option<&'static str>,
+    /// Whether the job was asked to stop because the launcher received a signal, and whether it was killed.
+    pub stopped: Stopped,
     /// A rank reported that the trainer refused its configuration (`error: invalid config ...`): running the same
     /// job again cannot succeed.
     pub config_refused: bool,
     /// Processes of the job still alive after mpirun exited, killed by the launcher.
     pub leftovers_killed: usize,
-}
-
-/// Forwards the launcher's SIGINT and SIGTERM to the running mpirun (if any) and remembers that one arrived, for as
-/// long as it lives (across the attempts of a supervised job).
-pub struct SignalForwarder {
-    state: Arc<(Mutex<ForwardState>, Condvar)>,
-    handle: signal_hook::iterator::Handle,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct ForwardState {
-    /// The running mpirun; `None` once it has exited, so a signal is never sent to a recycled pid.
-    target: Option<rustix::process::Pid>,
-    /// The last signal the launcher received.
-    received: Option<&'static str>,
-    /// The last signal forwarded to the current target.
-    forwarded: Option<&'static str>,
-}
-
-impl SignalForwarder {
-    /// Installs the SIGINT/SIGTERM handlers. Installed before mpirun starts, so a signal arriving in between is
-    /// remembered (and forwarded as soon as mpirun runs) rather than killing the launcher and orphaning the job.
-    pub fn install() -> Result<SignalForwarder> {
-        let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install the SIGINT/SIGTERM handlers")?;
-        let state: Arc<(Mutex<ForwardState>, Condvar)> = Arc::default();
-        let handle = signals.handle();
-        let thread = {
-            let state = Arc::clone(&state);
-            thread::spawn(move || {
-                for signal in signals.forever() {
-                    let (Some(sig), Some(name)) =
-                        (rustix::process::Signal::from_named_raw(signal), signal_hook::low_level::signal_name(signal))
-                    else {
-                        continue;
-                    };
-                    let mut st = lock(&state.0);
-                    st.received = Some(name);
-                    if let Some(pid) = st.target {
-                        // ESRCH is the only possible failure: mpirun is already gone.
-                        let _ = rustix::process::kill_process(pid, sig);
-                        st.forwarded = Some(name);
-                    }
-                    state.1.notify_all();
-                }
-            })
-        };
-        Ok(SignalForwarder { state, handle, thread: Some(thread) })
-    }
-
-    /// The last SIGINT/SIGTERM the launcher received, if any.
-    pub fn received(&self) -> Option<&'static str> {
-        lock(&self.state.0).received
-    }
-
-    /// Sleeps for `duration` or until the launcher receives SIGINT/SIGTERM; returns that signal's name, if one came.
-    pub fn sleep(&self, duration: Duration) -> Option<&'static str> {
-        let deadline = Instant::now() + duration;
-        let mut st = lock(&self.state.0);
-        while st.received.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            st = self.state.1.wait_timeout(st, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
-        }
-        st.received
-    }
-
-    /// Starts forwarding to `pid`; a signal received before mpirun started is forwarded now.
-    fn attach(&self, pid: rustix::process::Pid) {
-        let mut st = lock(&self.state.0);
-        st.target = Some(pid);
-        st.forwarded = None;
-        if let Some(name) = st.received {
-            let number = if name == "SIGINT" { rustix::process::Signal::INT } else { rustix::process::Signal::TERM };
-            let _ = rustix::process::kill_process(pid, number);
-            st.forwarded = Some(name);
-        }
-    }
-
-    /// Stops forwarding (mpirun has exited but is not reaped yet); returns the signal forwarded to it, if any.
-    fn detach(&self) -> Option<&'static str> {
-        let mut st = lock(&self.state.0);
-        st.target = None;
-        st.forwarded.take()
-    }
-}
-
-impl Drop for SignalForwarder {
-    fn drop(&mut self) {
-        self.handle.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// The variables of `vars` that configure the ranks' libraries (NCCL, libtorch, logging, the
@@ -150,10 +55,6 @@ pub fn for_remote_ranks(vars: impl Iterator<Item = (String, String)>) -> Vec<(St
         .collect();
     exported.sort();
     exported
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Job {
@@ -189,8 +90,9 @@ impl Job {
         cmd
     }
 
-    /// Runs the job to completion: relays every rank's output line by line, forwards SIGINT and SIGTERM to mpirun
-    /// through `signals`, and kills whatever process of the job is still alive once mpirun has exited.
+    /// Runs the job to completion: relays every rank's output line by line, passes the launcher's SIGINT and
+    /// SIGTERM on to the job through `signals`, keeps a [`Guard`] that ends the job if the launcher dies, and kills
+    /// whatever process of the job is still alive once mpirun has exited.
     pub fn run(&self, signals: &SignalForwarder) -> Result<Outcome> {
         let mpirun = find_in_path("mpirun").context(
             "mpirun not found on PATH: install OpenMPI (`apt-get install openmpi-bin`) or run `scripts/setup`",
@@ -200,10 +102,23 @@ impl Job {
         rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
             .context("cannot become a child subreaper")?;
         let mut cmd = self.command(&mpirun, rustix::process::geteuid().is_root());
-        // Own process group: a terminal's Ctrl-C reaches mpirun once, through the launcher, not twice. No stdin, so
-        // the background group never stops on a terminal read.
-        cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // A session of its own, which every rank inherits (OpenMPI gives each only a process group of its own), so
+        // that the guard finds all of the job's processes; and a process group of its own, so that a terminal's
+        // Ctrl-C reaches mpirun once, through the launcher, not twice. No stdin, so it never stops on a terminal read.
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: the closure runs in the forked child before exec and only makes a system call (setsid), which is
+        // async-signal-safe; it allocates nothing and takes no lock.
+        unsafe { cmd.pre_exec(|| rustix::process::setsid().map(drop).map_err(Into::into)) };
         let mut child = cmd.spawn().with_context(|| format!("cannot start {}", mpirun.display()))?;
+        let pid = rustix::process::Pid::from_child(&child);
+        let guard = match Guard::start(pid) {
+            Ok(guard) => guard,
+            Err(err) => {
+                procs::kill_job(pid);
+                let _ = child.wait();
+                return Err(err);
+            }
+        };
 
         let config_refused = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = mpsc::channel();
@@ -217,13 +132,13 @@ impl Job {
             relays += 1;
         }
 
-        let pid = rustix::process::Pid::from_child(&child);
         signals.attach(pid);
         let exited = wait_exited(pid);
-        let forwarded_signal = signals.detach();
+        let stopped = signals.detach();
+        guard.stop();
         exited?;
         let status = child.wait().context("waiting for mpirun")?;
-        let leftovers_killed = kill_leftovers(child.id());
+        let leftovers_killed = procs::kill_leftovers(pid);
 
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         for _ in 0..relays {
@@ -232,12 +147,7 @@ impl Job {
                 break;
             }
         }
-        Ok(Outcome {
-            status,
-            forwarded_signal,
-            config_refused: config_refused.load(Ordering::Relaxed),
-            leftovers_killed,
-        })
+        Ok(Outcome { status, stopped, config_refused: config_refused.load(Ordering::Relaxed), leftovers_killed })
     }
 }
 
@@ -251,50 +161,6 @@ fn wait_exited(pid: rustix::process::Pid) -> Result<()> {
             Err(err) => return Err(err).context("waiting for mpirun"),
         }
     }
-}
-
-/// Kills (SIGKILL) and reaps every child of the launcher other than `mpirun_pid`: as a subreaper, those are the
-/// job's processes that outlived mpirun (exited ones are only reaped). Returns how many were alive.
-fn kill_leftovers(mpirun_pid: u32) -> usize {
-    let own = rustix::process::getpid().as_raw_nonzero().get();
-    let mut killed = 0;
-    // Orphans are re-parented as their parents exit: look until a pass finds none.
-    for _ in 0..50 {
-        let children = children_of(own, mpirun_pid);
-        if children.is_empty() {
-            break;
-        }
-        for (pid, zombie) in children {
-            let Some(pid) = rustix::process::Pid::from_raw(pid) else { continue };
-            // A child cannot be recycled before it is reaped, so this reaches exactly that process.
-            if !zombie {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                killed += 1;
-            }
-            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
-        }
-    }
-    if killed > 0 {
-        eprintln!("launcher: killed {killed} process(es) of the job that outlived mpirun");
-    }
-    killed
-}
-
-/// `(pid, is a zombie)` of the processes whose parent is `parent` (from /proc), except `except`.
-fn children_of(parent: i32, except: u32) -> Vec<(i32, bool)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
-            let mut fields = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
-            let zombie = fields.next()? == "Z";
-            let ppid: i32 = fields.next()?.parse().ok()?;
-            (ppid == parent && pid as u32 != except).then_some((pid, zombie))
-        })
-        .collect()
 }
 
 /// The launcher's exit code for mpirun's status: its exit code, or 128 + signal if it was killed.

@@ -1,5 +1,6 @@
 //! Supervision of an mpirun job: restarts after failures with exponential backoff, the preemption status, and errors that no restart can fix.
-use crate::mpirun::{exit_code, Job, Outcome, SignalForwarder};
+use crate::mpirun::{exit_code, Job, Outcome};
+use crate::signals::SignalForwarder;
 use anyhow::Result;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ pub const USAGE_ERROR: i32 = 2;
 /// The longest wait between two restarts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-/// When to start a job again.
+/// When to start a job again, and how long it may take to stop.
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// Restarts after failures (0: run once, as an unsupervised job).
@@ -19,6 +20,8 @@ pub struct Policy {
     pub backoff: Duration,
     /// Restart at once (without counting a failure) when the job exits [`PREEMPTED`], instead of exiting 75.
     pub restart_on_preempt: bool,
+    /// After the launcher's SIGINT/SIGTERM, how long the job may take to exit before it is killed.
+    pub kill_after: Duration,
 }
 
 impl Policy {
@@ -45,7 +48,7 @@ enum Next {
 /// Runs `job` under `policy`; returns the launcher's exit code. Every run gets `TRAINER_RESTARTS=<restarts so far>`
 /// when supervised. SIGINT/SIGTERM to the launcher reach the running job and end supervision.
 pub fn supervise(mut job: Job, policy: &Policy) -> Result<i32> {
-    let signals = SignalForwarder::install()?;
+    let signals = SignalForwarder::install(policy.kill_after)?;
     let mut restarts = 0u32;
     let mut failures = 0u32;
     loop {
@@ -57,8 +60,10 @@ pub fn supervise(mut job: Job, policy: &Policy) -> Result<i32> {
         let code = exit_code(outcome.status);
         let what = describe(&outcome);
         if !policy.supervised() {
-            if code != 0 {
-                eprintln!("launcher: job failed ({what})");
+            match code {
+                0 => {}
+                PREEMPTED => eprintln!("launcher: job preempted ({what})"),
+                _ => eprintln!("launcher: job failed ({what})"),
             }
             return Ok(code);
         }
@@ -134,8 +139,11 @@ fn describe(outcome: &Outcome) -> String {
     if outcome.leftovers_killed > 0 {
         text += &format!(", {} process(es) outliving mpirun killed", outcome.leftovers_killed);
     }
-    if let Some(name) = outcome.forwarded_signal {
-        text += &format!(", after forwarding {name} to mpirun");
+    if let Some(name) = outcome.stopped.signal {
+        text += &format!(", asked to stop: the launcher received {name}");
+    }
+    if let Some(why) = &outcome.stopped.killed {
+        text += &format!("; the job was killed (SIGKILL) {why}");
     }
     text
 }
@@ -146,7 +154,12 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_is_capped() {
-        let policy = Policy { max_restarts: 20, backoff: Duration::from_secs(5), restart_on_preempt: false };
+        let policy = Policy {
+            max_restarts: 20,
+            backoff: Duration::from_secs(5),
+            restart_on_preempt: false,
+            kill_after: Duration::from_secs(120),
+        };
         let waits: Vec<u64> = (1..=8).map(|n| policy.backoff_before(n).as_secs()).collect();
         assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300]);
         assert_eq!(policy.backoff_before(1000), MAX_BACKOFF);

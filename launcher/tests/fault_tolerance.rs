@@ -147,3 +147,34 @@ fn an_invalid_configuration_stops_at_once_without_restarts() {
     assert!(stderr.contains("not restarting: the trainer refused its configuration"), "{stderr}");
     assert!(!stderr.contains("restart 1 of"), "{stderr}");
 }
+
+#[test]
+fn sigterm_to_the_launcher_saves_and_exits_75_and_sigkill_leaves_no_trainer() {
+    let work = tempfile::tempdir().unwrap();
+    random_dataset(&work.path().join("data"));
+
+    // SIGTERM: the ranks finish the step, save it and exit 75, which is the launcher's status too.
+    let config = write_config(work.path(), "stopped");
+    let run = work.path().join("stopped");
+    let running = start(&config, &[], &[]);
+    assert!(wait_until(Duration::from_secs(120), || logged_steps(&run) >= 3), "no progress");
+    signal(running.child.id(), Signal::TERM);
+    let (status, stderr) = running.finish(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(75), "{stderr}");
+    let steps = logged_steps(&run);
+    assert!(steps < STEPS, "the run was not stopped: {steps} steps");
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("step-{steps:08}"), "the last step is saved");
+
+    // SIGKILL: mpirun and the ranks do not outlive the launcher.
+    let config = write_config(work.path(), "orphaned");
+    let needle = config.to_str().unwrap().to_string();
+    let running = start(&config, &[], &[]);
+    assert!(wait_until(Duration::from_secs(120), || logged_steps(&work.path().join("orphaned")) >= 3), "no progress");
+    signal(running.child.id(), Signal::KILL);
+    let _ = running.finish(Duration::from_secs(10));
+    let gone = wait_until(Duration::from_secs(5), || processes_with(&needle).is_empty());
+    let left = processes_with(&needle);
+    left.iter().for_each(|&pid| signal(pid, Signal::KILL));
+    assert!(gone, "mpirun or trainer ranks outlived the launcher: {left:?}");
+}
