@@ -15,6 +15,9 @@ pub struct TrainData {
     dp_rank: usize,
     dp_size: usize,
     device: Device,
+    /// Token ids must be below it (`model.vocab_size`); checked per batch on the host.
+    vocab_size: i64,
+    path: PathBuf,
     pub tokenizer_path: Option<PathBuf>,
 }
 
@@ -71,6 +74,8 @@ impl TrainData {
             dp_rank,
             dp_size,
             device,
+            vocab_size: config.model.vocab_size,
+            path: path.clone(),
             tokenizer_path,
         })
     }
@@ -80,16 +85,25 @@ impl TrainData {
         self.loader.cursor()
     }
 
-    /// This rank's share of the next global batch: [global_batch / dp, seq_len + 1] token ids.
+    /// This rank's share of the next global batch: [global_batch / dp, seq_len + 1] token ids,
+    /// each checked to be inside the vocabulary.
     /// On CUDA the copy goes through pinned memory without blocking the host (a copy from
     /// pageable memory would wait for every kernel queued before it).
     pub fn next_batch(&mut self, global_batch: i64) -> Result<Tensor> {
         let tokens = self.loader.next_batch(global_batch as usize);
+        // A damaged shard must be an error here, not an index error inside a kernel.
+        if let Some(bad) = tokens.iter().find(|&&id| id < 0 || id >= self.vocab_size) {
+            bail!(
+                "{} holds token id {bad}, outside the model's vocabulary of {} (model.vocab_size): the data is \
+                 damaged or was prepared with another tokenizer; `data-shards verify {}` checks it",
+                self.path.display(),
+                self.vocab_size,
+                self.path.display()
+            );
+        }
         let tokens = Tensor::from_slice(&tokens).view([-1, self.window]);
         match self.device {
-            Device::Cuda(_) => {
-                Ok(torch_ext::pin_memory(&tokens)?.to_device_(self.device, Kind::Int64, true, false))
-            }
+            Device::Cuda(_) => Ok(torch_ext::pin_memory(&tokens)?.to_device_(self.device, Kind::Int64, true, false)),
             _ => Ok(tokens),
         }
     }
