@@ -29,6 +29,9 @@ fn run(name: &str, work: &Path, overrides: &[&str]) -> Output {
     train_command(work, name, 1, 4, &overrides).0.output().unwrap()
 }
 
+/// Damage done to a manifest's `tensors` object.
+type Damage = fn(&mut serde_json::Value);
+
 fn assert_refused(output: &Output, expected: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
@@ -130,7 +133,7 @@ fn another_model_or_a_manifest_that_does_not_tile_its_tensors_is_refused() {
     let step = run_dir.join("checkpoints/step-00000005");
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(step.join("manifest.json")).unwrap()).unwrap();
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 4] = [
+    let cases: [(&str, Damage, &str); 4] = [
         ("overlap", |m| m["model:lm_head.weight"]["pieces"][0]["offset"][0] = 1.into(), "lies outside"),
         ("gap", |m| m["model:lm_head.weight"]["pieces"][0]["shape"][0] = 1.into(), "its pieces hold"),
         ("dimensions", |m| m["model:lm_head.weight"]["pieces"][0]["offset"] = serde_json::json!([0]), "offsets"),
