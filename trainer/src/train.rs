@@ -94,6 +94,11 @@ pub enum Outcome {
 pub fn train(config: &Config) -> Result<Outcome> {
     let timeout = Duration::from_secs_f64(config.parallel.collective_timeout_s);
     let comm = Arc::new(Comm::init(config.parallel.tensor as usize, timeout)?);
+    train_ranks(config, comm.clone()).map_err(|error| comm.end_job_on_error(error))
+}
+
+/// Training on the joined ranks; an error on any rank ends the job (see [`Comm::end_job_on_error`]).
+fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     let topology = comm.topology;
     // "invalid config" marks errors a restart cannot fix (the launcher does not retry them).
     config
@@ -303,7 +308,8 @@ impl StepLog {
         let run_dir = &config.train.run_dir;
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-        std::fs::write(run_dir.join("config.toml"), config.to_toml())?;
+        let written = run_dir.join("config.toml");
+        std::fs::write(&written, config.to_toml()).with_context(|| format!("cannot write {}", written.display()))?;
         let path = run_dir.join("metrics.jsonl");
         let kept: String = match std::fs::read_to_string(&path) {
             Ok(text) if first_step > 0 => text
@@ -316,7 +322,7 @@ impl StepLog {
                 .collect(),
             _ => String::new(),
         };
-        std::fs::write(&path, kept)?;
+        std::fs::write(&path, kept).with_context(|| format!("cannot write {}", path.display()))?;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
         Ok(StepLog { file })
     }

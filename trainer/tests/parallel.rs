@@ -1,4 +1,4 @@
-//! Parallel runs under real `mpirun` equal the single-rank run (f64: TP, DP, TP x DP, ZeRO, recomputation and reduction overlap on and off; bf16 within rounding), bad layouts fail early, and a hung rank makes the others fail in time.
+//! Parallel runs under real `mpirun` equal the single-rank run (f64: TP, DP, TP x DP, ZeRO, recomputation and reduction overlap on and off; bf16 within rounding), bad layouts fail early, a hung rank makes the others fail in time, and an error on one rank ends the job at once.
 mod common;
 
 use common::{random_dataset, rank_pid, relative_diff, signal, train, train_command, Run, STEPS};
@@ -144,4 +144,22 @@ fn a_hung_rank_makes_the_others_fail_within_the_timeout() {
     assert!(operations.iter().any(|op| line.contains(op)), "{line}");
     let groups = ["in the data-parallel group", "in the world group"];
     assert!(line.contains(" Double elements on Cpu ") && groups.iter().any(|g| line.contains(g)), "{line}");
+}
+
+#[test]
+fn an_error_on_one_rank_is_printed_once_and_ends_the_job_at_once() {
+    let work = tempfile::tempdir().unwrap();
+    random_dataset(&work.path().join("data"));
+    // Only rank 0 writes the run's log: a directory in its place fails rank 0 alone.
+    std::fs::create_dir_all(work.path().join("broken/metrics.jsonl")).unwrap();
+    let settings = ["parallel.collective_timeout_s=300", "train.eval_every=0"];
+    let (mut command, _) = train_command(work.path(), "broken", 2, 2, &settings);
+    let started = Instant::now();
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "the job took {:?} to end: {stderr}", started.elapsed());
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("cannot write") && errors[0].contains("metrics.jsonl"), "{stderr}");
 }

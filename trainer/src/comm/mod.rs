@@ -411,6 +411,19 @@ impl Comm {
         let _ = self.observer.set(observer);
     }
 
+    /// Ends the whole job after an error on this rank: writes `error: ...` (one write, so that
+    /// the line arrives whole) and, in a job of several ranks, aborts them all at once; the
+    /// others would otherwise wait for this rank at their next collective until its timeout,
+    /// and this one in MPI_Finalize for them. Returns (the error) only for a single rank.
+    pub fn end_job_on_error(&self, error: anyhow::Error) -> anyhow::Error {
+        if self.jobs.is_none() {
+            return error;
+        }
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().write_all(format!("error: {error:#}\n").as_bytes());
+        mpi::abort_job(1)
+    }
+
     /// Sum of a scalar over the group.
     pub fn sum_scalar(&self, group: GroupKind, value: f64) -> Result<f64> {
         let tensor = Tensor::from(value);

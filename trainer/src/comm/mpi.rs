@@ -162,3 +162,15 @@ pub mod raw {
         run(comm, &op)
     }
 }
+
+/// Ends every rank of the job with `code` (MPI_Abort on the world). Called from a thread other
+/// than the one that initialized MPI, which Open MPI's abort allows: it only asks the runtime
+/// (mpirun, or the PMIx server under srun) to kill the job.
+pub(super) fn abort_job(code: c_int) -> ! {
+    // SAFETY: MPI is initialized (a Comm with a communication thread exists); MPI_Abort does not
+    // return, and the process exits with the job.
+    unsafe {
+        ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, code);
+    }
+    std::process::exit(code)
+}
