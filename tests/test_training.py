@@ -60,6 +60,10 @@ def test_same_seed_same_losses(fortunes_data, tmp_path):
         (["train.steps=0"], "train.steps = 0 must be > 0"),
         (["data.path=/nonexistent/data"], "/nonexistent/data"),
         (["model.vocab_size=1000"], "raise model.vocab_size to at least 4096"),
+        (["train.threads=100000"], "invalid config train.threads = 100000: this machine has"),
+        (["model.dim=1000000000"], "parameters (model.dim = 1000000000"),
+        (["parallel.collective_timeout_s=1e300"], "parallel.collective_timeout_s = 1e300 is more than"),
+        (["model.dim=32768", "model.n_heads=256", "model.n_layers=64"], "GiB (1 on this node; `trainer plan`"),
     ],
 )
 def test_bad_config_is_refused_clearly(fortunes_data, tmp_path, overrides, expected):
@@ -103,6 +107,30 @@ def test_non_finite_gradients_skip_the_update(fortunes_data, tmp_path):
                    "optim.warmup_steps=0", "optim.grad_clip=0", "train.sample_tokens=0")
     assert "update skipped" in result.stderr, result.stderr
     assert len(records(tmp_path)) == 4
+
+
+def test_a_diverged_run_stops_without_saving(fortunes_data, tmp_path):
+    """Every update skipped for optim.max_skipped_steps steps in a row ends the run with an error, and the broken
+    run saves no checkpoint."""
+    result = train(fortunes_data, tmp_path, "train.steps=20", "train.eval_every=0", "optim.lr=1e30",
+                   "optim.warmup_steps=0", "optim.grad_clip=0", "optim.max_skipped_steps=3", "checkpoint.every=1",
+                   check=False)
+    assert result.returncode == 1, result.stderr
+    assert "the run has diverged: the gradient norm was not finite in steps 2..4" in result.stderr, result.stderr
+    assert len(records(tmp_path)) == 3
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert saved == ["step-00000001"], saved
+
+
+def test_resuming_past_the_schedule_is_refused(fortunes_data, tmp_path):
+    train(fortunes_data, tmp_path, "train.steps=3", "train.eval_every=0", "train.sample_tokens=0")
+    again = train(fortunes_data, tmp_path, "train.steps=3", "train.eval_every=0", check=False)
+    assert again.returncode == 1 and "the checkpoint resumed is at step 3, so nothing is left" in again.stderr
+    fewer = train(fortunes_data, tmp_path, "train.steps=2", "train.eval_every=0", check=False)
+    assert fewer.returncode == 1 and "invalid config train.steps = 2" in fewer.stderr, fewer.stderr
+    early = train(fortunes_data, tmp_path, "train.steps=6", "train.stop_at_step=2", check=False)
+    assert early.returncode == 1 and "train.stop_at_step = 2 is not after" in early.stderr, early.stderr
+    assert len(records(tmp_path)) == 3
 
 
 def test_trains_on_a_megatron_indexed_dataset(tmp_path):

@@ -105,12 +105,18 @@ impl ModelConfig {
     }
     /// Number of parameters, computed from the shape alone (nothing is allocated).
     pub fn num_params(&self) -> i64 {
-        let (d, f, v) = (self.dim, self.ffn_dim, self.vocab_size);
-        let kv = self.kv_heads() * self.head_dim();
+        self.num_params_wide() as i64
+    }
+
+    /// The parameter count without overflow, whatever the sizes (validation bounds it).
+    fn num_params_wide(&self) -> i128 {
+        let (d, f, v, layers) =
+            (self.dim as i128, self.ffn_dim as i128, self.vocab_size as i128, self.n_layers as i128);
+        let kv = (self.kv_heads() * self.head_dim()) as i128;
         let attention = d * d + 2 * kv * d + d * d;
         let mlp = 3 * d * f;
         let norms = 2 * d;
-        2 * v * d + self.n_layers * (attention + mlp + norms) + d
+        2 * v * d + layers * (attention + mlp + norms) + d
     }
     /// Checks that `tp` tensor-parallel ranks can split the model: heads, KV heads, FFN and
     /// vocabulary rows are divided among them.
@@ -273,6 +279,14 @@ pub struct OptimConfig {
     /// Clip the global gradient norm to this; 0 disables clipping.
     #[serde(default)]
     pub grad_clip: f64,
+    /// Stop the run (with an error, saving nothing) after this many consecutive steps whose
+    /// gradient norm was not finite (their updates are skipped); 0: never stop.
+    #[serde(default = "default_max_skipped_steps")]
+    pub max_skipped_steps: i64,
+}
+
+fn default_max_skipped_steps() -> i64 {
+    10
 }
 
 fn default_beta1() -> f64 {
@@ -390,8 +404,27 @@ impl Config {
         positive_f("model.norm_eps", m.norm_eps)?;
         positive_f("model.init_std", m.init_std)?;
 
+        // Sizes are multiplied together (parameters, FLOPs, bytes): keep them far from overflow.
+        let params = m.num_params_wide();
+        if params > MAX_PARAMS {
+            bail!(
+                "the model has {params} parameters (model.dim = {}, model.n_layers = {}, model.ffn_dim = {}, \
+                   model.vocab_size = {}); this trainer handles up to {MAX_PARAMS}",
+                m.dim,
+                m.n_layers,
+                m.ffn_dim,
+                m.vocab_size
+            );
+        }
+
         positive("parallel.tensor", self.parallel.tensor)?;
         positive_f("parallel.collective_timeout_s", self.parallel.collective_timeout_s)?;
+        if self.parallel.collective_timeout_s > MAX_SECONDS {
+            bail!(
+                "parallel.collective_timeout_s = {:e} is more than {MAX_SECONDS:e} s (about 30 years)",
+                self.parallel.collective_timeout_s
+            );
+        }
 
         let t = &self.train;
         positive("train.steps", t.steps)?;
@@ -404,6 +437,13 @@ impl Config {
         non_negative("train.sample_tokens", t.sample_tokens)?;
         if t.eval_every > 0 {
             positive("train.eval_sequences", t.eval_sequences)?;
+        }
+        if m.max_seq_len > MAX_SEQ_LEN {
+            bail!("model.max_seq_len = {} is more than {MAX_SEQ_LEN} tokens", m.max_seq_len);
+        }
+        let step_tokens = t.global_batch as i128 * t.seq_len as i128;
+        if step_tokens > MAX_PARAMS {
+            bail!("train.global_batch x train.seq_len = {step_tokens} tokens per step; at most {MAX_PARAMS}");
         }
         if t.seq_len > m.max_seq_len {
             bail!(
@@ -453,6 +493,7 @@ impl Config {
         if o.grad_clip < 0.0 || !o.grad_clip.is_finite() {
             bail!("optim.grad_clip = {} must be >= 0 (0 disables clipping)", o.grad_clip);
         }
+        non_negative("optim.max_skipped_steps", o.max_skipped_steps)?;
         Ok(())
     }
 
@@ -543,6 +584,16 @@ fn apply_override(tree: &mut toml::Table, item: &str) -> Result<()> {
     table.insert(leaf.to_string(), value);
     Ok(())
 }
+
+/// The most parameters a model may have: 2^48, far above any model that fits a cluster, and
+/// far enough below i64's range that products of it (bytes, FLOPs per token) cannot overflow.
+const MAX_PARAMS: i128 = 1 << 48;
+
+/// The longest sequence a model may be configured for (16 Mi tokens).
+const MAX_SEQ_LEN: i64 = 1 << 24;
+
+/// The longest duration a setting may ask for (seconds); `Duration` cannot hold arbitrary f64s.
+const MAX_SECONDS: f64 = 1e9;
 
 fn positive(key: &str, value: i64) -> Result<()> {
     if value <= 0 {

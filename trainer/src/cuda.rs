@@ -84,6 +84,13 @@ pub fn make_current(device: usize) -> Result<()> {
     Ok(())
 }
 
+/// Free and total bytes of `device`'s memory.
+pub fn memory_info(device: usize) -> Result<(u64, u64)> {
+    make_current(device)?;
+    let (free, total) = cu::mem_get_info().map_err(|e| error("cuMemGetInfo", e))?;
+    Ok((free as u64, total as u64))
+}
+
 /// A CUDA event in the primary context of the device it was made on.
 #[derive(Debug)]
 pub struct Event(cu_sys::CUevent);

@@ -14,6 +14,7 @@ pub mod params;
 pub mod plan;
 pub mod preempt;
 pub mod report;
+pub mod run_lock;
 pub mod step_sync;
 pub mod timing;
 pub mod topology;

@@ -135,6 +135,7 @@ mod tests {
             beta2: 0.95,
             eps: 1e-8,
             grad_clip: 0.0,
+            max_skipped_steps: 0,
         };
         tch::manual_seed(3);
         let options = (Kind::Double, Device::Cpu);

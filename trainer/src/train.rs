@@ -1,6 +1,6 @@
 //! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
 use crate::checkpoint::{check_same_model, load_optimizer, load_params, Checkpointer, Reader, SaveReport, SaveStatus};
-use crate::comm::{wait_all, Comm, GroupKind};
+use crate::comm::{wait_all, Comm, GroupKind, Topology};
 use crate::config::Config;
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
@@ -11,6 +11,7 @@ use crate::model::{segment_specs, TpShard};
 use crate::optim::learning_rate;
 use crate::params::FlatParams;
 use crate::preempt::{Preemption, REQUEUE_EXIT_CODE};
+use crate::run_lock::RunLock;
 use crate::step_sync::{StepScalars, StepTotals, SyncCounter};
 use crate::timing::{lap, reset_phases, take_phases, GroupSeconds, Phase, PhaseSeconds};
 use crate::zero::DistOptimizer;
@@ -104,6 +105,8 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     config
         .validate_layout(topology.world as i64)
         .with_context(|| format!("invalid config for {} ranks", topology.world))?;
+    let device = device_of(config, topology.local_rank)?;
+    check_machine(config, topology, device)?;
     if config.train.threads > 0 {
         tch::set_num_threads(config.train.threads as i32);
     }
@@ -111,11 +114,14 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
         hf::check_replaceable(dir).context("invalid config train.export_dir")?;
     }
     let leader = topology.rank == 0;
+    // Held until training ends: two jobs in one run directory would interleave their logs and
+    // prune each other's checkpoints.
+    let _lock = leader.then(|| RunLock::acquire(&config.train.run_dir)).transpose()?;
     let metrics = Metrics::start(config, &comm)?;
-    let device = device_of(config, topology.local_rank)?;
     let memory = PeakMemory::start(device).context("cannot start the memory sampler")?;
     let mut engine = build_engine(config, comm.clone())?;
     let (mut optimizer, first_step, cursor) = starting_state(config, &mut engine, &metrics)?;
+    check_schedule(config, first_step)?;
     let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device, cursor)
         .with_context(|| format!("invalid config data.path = {}", config.data.path.display()))?;
     let mut log = if leader { Some(StepLog::open(config, first_step)?) } else { None };
@@ -143,7 +149,7 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     let preemption = Preemption::install(&t.preempt_signals)?;
     let tp = topology.tensor.size as f64;
     let mut syncs = SyncCounter::start(device)?;
-    let mut preempted = false;
+    let (mut preempted, mut skipped_in_a_row) = (false, 0);
     let mut peak_memory: Option<u64> = None;
     for step in first_step..t.steps {
         let start = Instant::now();
@@ -163,9 +169,11 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
         let StepTotals { sums, flags } = scalars.read()?;
         let step_seconds = start.elapsed().as_secs_f64();
         let (loss, grad_norm) = (sums[0], if sums[1] < 0.0 { 0.0 } else { sums[1].sqrt() });
-        if !grad_norm.is_finite() {
+        skipped_in_a_row = if grad_norm.is_finite() { 0 } else { skipped_in_a_row + 1 };
+        if skipped_in_a_row > 0 {
             metrics.record_skipped_step();
             tracing::warn!("step {}: gradient norm {grad_norm}, update skipped", step + 1);
+            check_divergence(&config.optim, skipped_in_a_row, step + 1)?;
         }
         let peak_memory_bytes = memory.take();
         peak_memory = peak_memory.max(peak_memory_bytes);
@@ -199,7 +207,9 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
         preempted = flags[0];
         let saved = checkpointer.settle(&comm, SaveStatus { writing: flags[1], failed: flags[2] })?;
         let must_save = preempted || t.stop_at_step == Some(done) || (last && c.save_final);
-        let previous = if must_save || (c.every > 0 && done % c.every == 0) {
+        // A periodic save after a skipped update would only prune a good checkpoint for a doubtful one.
+        let periodic = c.every > 0 && done % c.every == 0 && skipped_in_a_row == 0;
+        let previous = if must_save || periodic {
             checkpointer.save(&comm, &engine.params, &optimizer, config, done, data.cursor())?
         } else {
             None
@@ -235,6 +245,90 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     }
     wait_all([comm.barrier(GroupKind::World)])?;
     Ok(Outcome::Finished)
+}
+
+/// Refuses what this machine cannot run before anything is allocated: threads per rank far
+/// beyond its CPUs (more than [`THREADS_PER_CPU`] each), or a rank whose memory (`trainer plan`'s estimate) exceeds what is available: the
+/// GPU's free memory, or on CPU the host's available memory shared by this node's ranks.
+/// Threads per rank per CPU above which `train.threads` is refused (the launcher's bound on ranks
+/// per CPU is the same): beyond it no setting is deliberate.
+const THREADS_PER_CPU: i64 = 4;
+
+fn check_machine(config: &Config, topology: Topology, device: Device) -> Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
+    if config.train.threads > THREADS_PER_CPU * cpus {
+        bail!(
+            "invalid config train.threads = {}: this machine has {cpus} CPUs; more threads per rank than CPUs only \
+             slow it down (0 = libtorch's default)",
+            config.train.threads
+        );
+    }
+    let layout = crate::plan::Layout::of(config, topology.world as i64)?;
+    let needed = crate::plan::plan(config, layout, crate::plan::Target::of(config)).total();
+    let (available, what, sharing) = match device {
+        Device::Cuda(index) => (crate::cuda::memory_info(index)?.0, format!("cuda:{index} has free"), 1),
+        _ => (host_available_memory()?, "this host has available".to_string(), local_ranks()),
+    };
+    if needed * sharing > available {
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        bail!(
+            "invalid config: each rank needs about {:.1} GiB ({sharing} on this node; `trainer plan` shows the terms) \
+             but {what} {:.1} GiB; use more ranks or tensor parallelism, parallel.zero, train.recompute, or a \
+             smaller train.micro_batch",
+            gib(needed),
+            gib(available)
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn host_available_memory() -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .context("/proc/meminfo has no MemAvailable line")?;
+    Ok(kib * 1024)
+}
+
+/// Ranks of this job on this node (from the launcher's environment; 1 when unknown).
+fn local_ranks() -> u64 {
+    ["OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Ends a run whose last `skipped` steps (up to `step`) all had a non-finite gradient norm, past
+/// `optim.max_skipped_steps`, before anything of it is saved.
+fn check_divergence(optim: &crate::config::OptimConfig, skipped: i64, step: i64) -> Result<()> {
+    if optim.max_skipped_steps > 0 && skipped >= optim.max_skipped_steps {
+        bail!(
+            "the run has diverged: the gradient norm was not finite in steps {}..{step} (optim.max_skipped_steps = \
+             {}), so their updates were skipped and nothing of them was saved; resume from the last checkpoint \
+             with a lower optim.lr or more optim.warmup_steps",
+            step - skipped + 1,
+            optim.max_skipped_steps
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a schedule that has nothing to do after resuming at `first_step`.
+fn check_schedule(config: &Config, first_step: i64) -> Result<()> {
+    let t = &config.train;
+    if first_step >= t.steps {
+        bail!(
+            "invalid config train.steps = {}: the checkpoint resumed is at step {first_step}, so nothing is left to \
+             train; raise train.steps to continue this run",
+            t.steps
+        );
+    }
+    if let Some(stop) = t.stop_at_step.filter(|&stop| stop <= first_step) {
+        bail!("invalid config train.stop_at_step = {stop} is not after the step resumed from, {first_step}");
+    }
+    Ok(())
 }
 
 /// The optimizer, the number of steps already taken and the data position to start from:

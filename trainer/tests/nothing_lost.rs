@@ -3,9 +3,10 @@ mod common;
 
 use common::{random_dataset, train_command, TRAINER};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-/// Names and contents of every file under `dir`, sorted: what must not change.
+/// Names and contents of every file under `dir` but the run lock, sorted: what must not change.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
@@ -14,7 +15,7 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             let path = entry.path();
             if path.is_dir() {
                 pending.push(path);
-            } else {
+            } else if path.file_name().is_some_and(|name| name != ".lock") {
                 files.push((path.clone(), std::fs::read(&path).unwrap()));
             }
         }
@@ -179,4 +180,26 @@ fn token_ids_outside_the_vocabulary_are_an_error_naming_the_data() {
     std::fs::write(&shard, bytes).unwrap();
     let output = run("run", work.path(), &["train.eval_every=0"]);
     assert_refused(&output, "holds token id 65535, outside the model's vocabulary of 512 (model.vocab_size)");
+}
+
+#[test]
+fn a_run_directory_takes_one_job_at_a_time_and_a_dead_job_leaves_no_lock() {
+    let work = tempfile::tempdir().unwrap();
+    random_dataset(&work.path().join("data"));
+    let settings = ["checkpoint.keep_last=10", "train.steps=100000", "train.eval_every=0"];
+    let (mut command, _) = train_command(work.path(), "run", 1, 4, &settings);
+    let mut first = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let metrics = work.path().join("run/metrics.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.is_empty()) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the first job did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = run("run", work.path(), &["train.steps=3"]);
+    assert_refused(&second, &format!("is in use by another job (pid {}", first.id()));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let third = run("run", work.path(), &["train.steps=3", "checkpoint.resume=false"]);
+    // The killed job's lock ended with it; it saved no checkpoint, so this run starts over.
+    assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
 }
