@@ -92,7 +92,9 @@ impl Manifest {
                     );
                 }
             }
-            entry.check_tiling().with_context(|| format!("{}: tensor {name} is corrupt", path.display()))?;
+            kind_of(&entry.dtype)
+                .and_then(|_| entry.check_tiling())
+                .with_context(|| format!("{}: tensor {name} is corrupt", path.display()))?;
         }
         Ok(manifest)
     }

@@ -1,4 +1,4 @@
-//! Nothing lost: exports and resumes never delete or overwrite what the program did not write, and checkpoints of another model, manifests that do not tile their tensors and out-of-vocabulary data are refused with the cause named.
+//! Nothing lost: exports and resumes never delete or overwrite what the program did not write, one job per run directory, and checkpoints of another model, damaged manifests (also fuzzed) and out-of-vocabulary data are refused with the cause named.
 mod common;
 
 use common::{random_dataset, train_command, TRAINER};
@@ -202,4 +202,85 @@ fn a_run_directory_takes_one_job_at_a_time_and_a_dead_job_leaves_no_lock() {
     let third = run("run", work.path(), &["train.steps=3", "checkpoint.resume=false"]);
     // The killed job's lock ended with it; it saved no checkpoint, so this run starts over.
     assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
+}
+
+/// A small deterministic generator for the fuzz cases.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+/// Every number, string, array and object of a JSON value, by path, to pick one to damage.
+fn paths(value: &serde_json::Value, at: Vec<String>, out: &mut Vec<Vec<String>>) {
+    out.push(at.clone());
+    let children: Vec<(String, &serde_json::Value)> = match value {
+        serde_json::Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), v)).collect(),
+        serde_json::Value::Array(items) => items.iter().enumerate().map(|(i, v)| (i.to_string(), v)).collect(),
+        _ => Vec::new(),
+    };
+    for (key, child) in children {
+        let mut path = at.clone();
+        path.push(key);
+        paths(child, path, out);
+    }
+}
+
+fn at_path<'a>(value: &'a mut serde_json::Value, path: &[String]) -> &'a mut serde_json::Value {
+    path.iter().fold(value, |v, key| match v {
+        serde_json::Value::Array(items) => &mut items[key.parse::<usize>().unwrap()],
+        other => &mut other[key.as_str()],
+    })
+}
+
+#[test]
+fn fuzzed_manifests_give_errors_never_panics() {
+    let work = tempfile::tempdir().unwrap();
+    let run_dir = finished_run(work.path());
+    let step = run_dir.join("checkpoints/step-00000005");
+    let pristine: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(step.join("manifest.json")).unwrap()).unwrap();
+    let config = trainer::config::Config::parse(pristine["config"].as_str().unwrap(), &[]).unwrap();
+    let engine = trainer::train::build_engine(&config, std::sync::Arc::new(trainer::comm::Comm::single())).unwrap();
+    let mut all = Vec::new();
+    paths(&pristine, Vec::new(), &mut all);
+    let damages: [fn(&mut serde_json::Value, &mut Lcg); 5] = [
+        |v, _| *v = serde_json::Value::Null,
+        |v, r| *v = (-(r.below(1000) as i64)).into(),
+        |v, _| *v = (i64::MAX - 3).into(),
+        |v, _| *v = "x".into(),
+        |v, r| {
+            if let serde_json::Value::Array(items) = v {
+                if !items.is_empty() {
+                    items.remove(r.below(items.len()));
+                }
+            }
+        },
+    ];
+    let mut random = Lcg(20261201);
+    let (mut refused, cases) = (0, 300);
+    for case in 0..cases {
+        let mut manifest = pristine.clone();
+        let path = &all[random.below(all.len())];
+        damages[random.below(damages.len())](at_path(&mut manifest, path), &mut random);
+        std::fs::write(step.join("manifest.json"), manifest.to_string()).unwrap();
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            trainer::checkpoint::Reader::open(&step).and_then(|mut reader| {
+                trainer::checkpoint::check_same_model(&reader, &config, false)?;
+                trainer::checkpoint::load_params(&mut reader, &engine.params)
+            })
+        }));
+        match loaded {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                refused += 1;
+                assert!(format!("{error:#}").contains(step.to_str().unwrap()), "case {case} {path:?}: {error:#}");
+            }
+            Err(_) => panic!("case {case}: damaging {path:?} made loading panic"),
+        }
+    }
+    assert!(refused > cases / 2, "only {refused} of {cases} damaged manifests were refused");
 }
