@@ -709,11 +709,10 @@ pub fn check_same_model(reader: &Reader, config: &Config, leader: bool) -> Resul
         );
     }
     if saved.train.dtype != config.train.dtype && leader {
-        let name = |dtype| toml::Value::try_from(dtype).map_or_else(|_| "?".into(), |v| v.to_string());
         tracing::info!(
             "checkpoint {dir} was saved with train.dtype = {}; continuing with {}",
-            name(saved.train.dtype),
-            name(config.train.dtype)
+            saved.train.dtype.name(),
+            config.train.dtype.name()
         );
     }
     Ok(())

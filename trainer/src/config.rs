@@ -191,6 +191,15 @@ impl Dtype {
             Dtype::Bfloat16 => tch::Kind::BFloat16,
         }
     }
+
+    /// The name in configs (`train.dtype`) and in Hugging Face's `torch_dtype`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Float32 => "float32",
+            Dtype::Float64 => "float64",
+            Dtype::Bfloat16 => "bfloat16",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -107,11 +107,7 @@ pub fn write_dir(weights: &[(String, Tensor)], config: &Config, tokenizer: Optio
     let staging = dir.with_file_name(format!(".{name}.partial"));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-    let dtype = match config.train.dtype {
-        crate::config::Dtype::Float32 => "float32",
-        crate::config::Dtype::Float64 => "float64",
-        crate::config::Dtype::Bfloat16 => "bfloat16",
-    };
+    let dtype = config.train.dtype.name();
     std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&config_json(&config.model, dtype))?)?;
     let generation = json!({"do_sample": false, "max_length": config.model.max_seq_len});
     std::fs::write(staging.join("generation_config.json"), serde_json::to_string_pretty(&generation)?)?;

@@ -1,7 +1,7 @@
 //! The `trainer` command line: train, count parameters, export, draw a run's report, check the machine's libraries.
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trainer::config::Config;
@@ -126,9 +126,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Finished) => ExitCode::SUCCESS,
         Ok(Outcome::Preempted) => ExitCode::from(REQUEUE_EXIT_CODE),
         Err(error) => {
-            // One write, so that mpirun's output tagging (and the launcher, which recognises
-            // "error: invalid config") always sees the whole message as one line.
-            let _ = std::io::stderr().write_all(format!("error: {error:#}\n").as_bytes());
+            trainer::comm::write_error_line(format_args!("{error:#}"));
             ExitCode::FAILURE
         }
     }

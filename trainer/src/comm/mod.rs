@@ -419,8 +419,7 @@ impl Comm {
         if self.jobs.is_none() {
             return error;
         }
-        let _ = std::io::stdout().flush();
-        let _ = std::io::stderr().write_all(format!("error: {error:#}\n").as_bytes());
+        write_error_line(format_args!("{error:#}"));
         mpi::abort_job(1)
     }
 
@@ -506,6 +505,13 @@ struct InFlight {
 #[derive(Default)]
 struct Busy(Mutex<Option<(Instant, GroupKind, Summary)>>);
 
+/// Writes `error: MESSAGE` as one line in one write (after flushing stdout), so that mpirun's
+/// output tagging and the launcher, which recognises `error: invalid config`, see it whole.
+pub fn write_error_line(message: impl std::fmt::Display) {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().write_all(format!("error: {message}\n").as_bytes());
+}
+
 /// Ends the process when the communication thread has been blocked in one call for longer
 /// than `timeout` (a blocking MPI call cannot be cancelled); stops with the thread.
 fn watchdog(busy: Weak<Busy>, topology: Topology, timeout: Duration) {
@@ -513,10 +519,7 @@ fn watchdog(busy: Weak<Busy>, topology: Topology, timeout: Duration) {
     while let Some(busy) = busy.upgrade() {
         if let Some((since, group, summary)) = *busy.0.lock().unwrap_or_else(|e| e.into_inner()) {
             if since.elapsed() > timeout {
-                let message = format!("error: {}\n", timed_out(&context(topology, group, summary), timeout));
-                let _ = std::io::stdout().flush();
-                // One write, like main's final error line, so that mpirun's tagging keeps it whole.
-                let _ = std::io::stderr().write_all(message.as_bytes());
+                write_error_line(timed_out(&context(topology, group, summary), timeout));
                 // SAFETY: _exit takes an integer and ends the process without running atexit
                 // handlers, which could block on the MPI call that never returns.
                 unsafe { libc::_exit(1) };
