@@ -77,7 +77,7 @@ impl Manifest {
                 manifest.format_version
             );
         }
-        let named_step = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step-")?.parse::<i64>().ok());
+        let named_step = dir.file_name().and_then(|n| step_of_dir_name(n.to_str()?));
         if manifest.step < 0 || named_step.is_some_and(|step| step != manifest.step) {
             bail!("{}: the manifest is of step {}, not of this directory's step", path.display(), manifest.step);
         }
@@ -143,6 +143,11 @@ impl TensorEntry {
 
 fn step_dir_name(step: i64) -> String {
     format!("step-{step:08}")
+}
+
+/// The step a `step-N` directory name stands for.
+fn step_of_dir_name(name: &str) -> Option<i64> {
+    name.strip_prefix("step-")?.parse().ok()
 }
 
 /// Points `root/latest` at step `step`'s directory, by rename.
@@ -323,7 +328,7 @@ impl Checkpointer {
         for entry in entries {
             let entry = entry.with_context(|| format!("cannot read the checkpoint directory {}", root.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<i64>().ok()) else { continue };
+            let Some(step) = step_of_dir_name(&name) else { continue };
             if entry.path().join("manifest.json").is_file() && newest.as_ref().is_none_or(|(n, _)| step > *n) {
                 newest = Some((step, entry.path()));
             }
@@ -504,7 +509,7 @@ impl Checkpointer {
             let name = entry?.file_name().to_string_lossy().into_owned();
             if name.starts_with(".step-") && name.ends_with(".partial") {
                 std::fs::remove_dir_all(self.root.join(&name))?;
-            } else if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<i64>().ok()) {
+            } else if let Some(step) = step_of_dir_name(&name) {
                 if step <= newest {
                     steps.push(step);
                 }
