@@ -17,7 +17,7 @@ use crate::params::FlatParams;
 use crate::timing::{lap, Phase};
 use anyhow::Result;
 use std::sync::Arc;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// What the forward pass keeps of one residual branch for its backward.
 enum Saved {
@@ -191,6 +191,21 @@ impl Engine {
         let gathered = Tensor::empty(size.as_slice(), (moved.kind(), moved.device()));
         self.comm.all_gather(GroupKind::Tensor, &moved, &gathered).wait()?;
         Ok(gathered.movedim(0, dim as i64))
+    }
+
+    /// Every parameter as a whole (global) CPU tensor under its Hugging Face name, gathered over
+    /// the tensor-parallel group. Every rank of the group must call it.
+    pub fn hf_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        self.params
+            .hf_values()
+            .map(|(piece, local)| {
+                let whole = match piece.split {
+                    None => local,
+                    Some((dim, _)) => self.gather_tp(&local, dim)?,
+                };
+                Ok((piece.name.clone(), whole.to_device(Device::Cpu).contiguous()))
+            })
+            .collect()
     }
 
     /// Sum of the token cross-entropies of `tokens` [batch, seq + 1], without a graph.

@@ -1,11 +1,10 @@
-//! Hugging Face LLaMA format: `config.json` from our model config, weights as safetensors under Hugging Face names, and export of a trained model.
+//! Hugging Face LLaMA format: `config.json` from our model config, weights as safetensors under Hugging Face names, and export directories.
 use crate::config::{Config, ModelConfig};
-use crate::engine::Engine;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// The `config.json` of `LlamaForCausalLM` for this shape.
 pub fn config_json(m: &ModelConfig, torch_dtype: &str) -> serde_json::Value {
@@ -31,22 +30,6 @@ pub fn config_json(m: &ModelConfig, torch_dtype: &str) -> serde_json::Value {
     })
 }
 
-/// Every parameter as a whole (global) CPU tensor under its Hugging Face name, gathered over
-/// the tensor-parallel group. Every rank of the group must call it.
-pub fn gather_weights(engine: &Engine) -> Result<Vec<(String, Tensor)>> {
-    engine
-        .params
-        .hf_values()
-        .map(|(piece, local)| {
-            let whole = match piece.split {
-                None => local,
-                Some((dim, _)) => engine.gather_tp(&local, dim)?,
-            };
-            Ok((piece.name.clone(), whole.to_device(Device::Cpu).contiguous()))
-        })
-        .collect()
-}
-
 /// Writes named tensors to one safetensors file.
 pub fn save_weights(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     Tensor::write_safetensors(tensors, path).with_context(|| format!("cannot write {}", path.display()))
@@ -56,20 +39,6 @@ pub fn save_weights(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
 pub fn load_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
     let tensors = Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(tensors.into_iter().collect())
-}
-
-/// Writes the trained model as a Hugging Face directory. Collective: every rank calls it;
-/// the first data-parallel replica gathers the weights and rank 0 writes them.
-pub fn export(engine: &Engine, config: &Config, tokenizer: Option<&Path>, dir: &Path) -> Result<()> {
-    let topology = engine.comm().topology;
-    if topology.data.rank != 0 {
-        return Ok(());
-    }
-    let weights = gather_weights(engine)?;
-    if topology.rank == 0 {
-        write_dir(&weights, config, tokenizer, dir)?;
-    }
-    Ok(())
 }
 
 /// The files an export writes; a directory holding nothing else is a previous export that a new

@@ -1,11 +1,11 @@
 //! The `trainer` command line: train, count parameters, export, draw a run's report, check the machine's libraries.
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use trainer::config::Config;
-use trainer::preempt::REQUEUE_EXIT_CODE;
+use launcher::protocol;
+use trainer::config::{Config, InvalidConfig};
 use trainer::train::Outcome;
 
 #[derive(Parser, Debug)]
@@ -41,6 +41,16 @@ impl ConfigArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct TrainArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Print the configuration as it would run, every default filled in (for this process's
+    /// world size, 1 when started alone), and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(clap::Args, Debug)]
 struct PlanArgs {
     #[command(flatten)]
     config: ConfigArgs,
@@ -58,7 +68,7 @@ struct PlanArgs {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train the model as configured.
-    Train(ConfigArgs),
+    Train(TrainArgs),
     /// Print the parameter count of the configured model (nothing is allocated).
     Params(ConfigArgs),
     /// Print the memory one rank needs, term by term, or (with --gpus) the layouts that fit on GPUs of a given size.
@@ -121,20 +131,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     // Every log line carries the rank: the MPI rank from the launcher's environment (0 alone).
-    let _rank = tracing::info_span!("rank", rank = rank_from_env()).entered();
+    let _rank = tracing::info_span!("rank", rank = protocol::world_rank().unwrap_or(0)).entered();
     match run(cli.command) {
         Ok(Outcome::Finished) => ExitCode::SUCCESS,
-        Ok(Outcome::Preempted) => ExitCode::from(REQUEUE_EXIT_CODE),
+        Ok(Outcome::Preempted) => ExitCode::from(protocol::PREEMPTED),
         Err(error) => {
             trainer::comm::write_error_line(format_args!("{error:#}"));
-            ExitCode::FAILURE
+            ExitCode::from(trainer::comm::exit_status_of(&error))
         }
     }
 }
 
 fn run(command: Command) -> Result<Outcome> {
     match command {
-        Command::Train(args) => return trainer::train::train(&args.load()?),
+        Command::Train(args) if args.print_config => {
+            let world = protocol::world_size().unwrap_or(1) as i64;
+            let config = args.config.load()?;
+            let resolved = config.for_world(world).context(InvalidConfig(format!("for {world} ranks")))?;
+            print!("{}", resolved.to_toml());
+        }
+        Command::Train(args) => return trainer::train::train(&args.config.load()?),
         Command::Params(args) => {
             let config = args.load()?;
             println!("{}", trainer::plan::group_thousands(config.model.num_params() as u64));
@@ -150,7 +166,7 @@ fn run(command: Command) -> Result<Outcome> {
             };
             print!("{text}");
         }
-        Command::ExportHf { checkpoint, output } => trainer::checkpoint::export_hf(&checkpoint, &output)?,
+        Command::ExportHf { checkpoint, output } => trainer::export::from_checkpoint(&checkpoint, &output)?,
         Command::Env => {
             println!("libtorch threads: {}", tch::get_num_threads());
             println!("cuda devices: {}", tch::Cuda::device_count());
@@ -187,12 +203,4 @@ fn init_logging(format: LogFormat) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-}
-
-/// This process's rank in its MPI job (OpenMPI, PMIx, Slurm), 0 when started alone.
-fn rank_from_env() -> usize {
-    ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .unwrap_or(0)
 }

@@ -6,10 +6,10 @@
 //! adds the time and size of every collective through [`crate::comm::CollectiveObserver`].
 //! Step phases come from the phase clock in [`crate::timing`].
 use crate::comm::{CollectiveObserver, Comm, GroupKind, Topology};
-use crate::config::{Config, MetricsConfig};
+use crate::config::{Config, MetricsConfig, TrainDevice};
 use crate::timing::{GROUPS, PHASES};
 use crate::train::StepRecord;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use prometheus::{
     exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry, TextEncoder,
 };
@@ -31,27 +31,6 @@ pub const CPU_PEAK_FLOPS_PER_THREAD: f64 = 1e11;
 
 /// Peak FLOP/s assumed per GPU when `metrics.peak_flops` is unset: H100/H200 SXM dense bf16.
 pub const GPU_PEAK_FLOPS: f64 = 989e12;
-
-impl MetricsConfig {
-    /// Checks the `[metrics]` section.
-    pub fn validate(&self) -> Result<()> {
-        if self.address.parse::<IpAddr>().is_err() {
-            bail!("metrics.address = {:?} must be an IP address such as \"127.0.0.1\" or \"0.0.0.0\"", self.address);
-        }
-        if self.port == 0 {
-            bail!("metrics.port = 0 must be > 0 (rank with local rank r serves on metrics.port + r)");
-        }
-        if let Some(peak) = self.peak_flops {
-            if !(peak > 0.0 && peak.is_finite()) {
-                bail!("metrics.peak_flops = {peak} must be a positive number (FLOP/s of one rank's device)");
-            }
-        }
-        if self.run_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
-            bail!("metrics.run_id must not be empty (leave it out to use the run directory's name)");
-        }
-        Ok(())
-    }
-}
 
 /// Collective time and bytes by group and operation, updated by the communication thread.
 struct Collectives {
@@ -292,7 +271,7 @@ impl Metrics {
             rank: topology.rank,
         });
 
-        let is_cpu = config.train.device == "cpu";
+        let is_cpu = config.train.device == TrainDevice::Cpu;
         let peak = config.metrics.peak_flops.unwrap_or(if is_cpu {
             CPU_PEAK_FLOPS_PER_THREAD * tch::get_num_threads().max(1) as f64
         } else {

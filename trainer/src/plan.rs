@@ -10,7 +10,7 @@
 //! is the highest of the backward pass's stages (the head, the last MLP branch, the last
 //! attention branch) and the optimizer step. `trainer/tests/plan.rs` holds the prediction of the
 //! tensors' peak to 10% of the peak a CPU run measures (`memory.rs`).
-use crate::config::Config;
+use crate::config::{Config, InvalidConfig, TrainDevice};
 use crate::model::{segment_specs, TpShard};
 use crate::params::{master_kind, FlatLayout};
 use anyhow::{bail, Context, Result};
@@ -30,7 +30,7 @@ pub struct Layout {
 impl Layout {
     /// The layout `config` trains with on `world` ranks, refused as training refuses it.
     pub fn of(config: &Config, world: i64) -> Result<Layout> {
-        config.validate_layout(world).with_context(|| format!("invalid config for {world} ranks"))?;
+        config.for_world(world).context(InvalidConfig(format!("for {world} ranks")))?;
         Ok(Layout {
             tensor: config.parallel.tensor,
             data: config.data_parallel(world),
@@ -51,7 +51,7 @@ pub enum Target {
 
 impl Target {
     pub fn of(config: &Config) -> Target {
-        if config.train.device == "cpu" {
+        if config.train.device == TrainDevice::Cpu {
             Target::Cpu
         } else {
             Target::Cuda
@@ -399,7 +399,7 @@ fn describe_run(config: &Config, target: Target) -> String {
             Target::Cuda => "CUDA",
         },
         t.seq_len,
-        t.global_batch,
+        if t.global_batch > 0 { t.global_batch.to_string() } else { "micro-batch x data-parallel".into() },
     )
 }
 
@@ -443,6 +443,7 @@ impl Table<'_> {
 /// The breakdown of one layout, with and without recomputation side by side.
 pub fn report(config: &Config, world: i64, target: Target) -> Result<String> {
     let layout = Layout::of(config, world)?;
+    let config = &config.for_world(world)?;
     let plans = [false, true].map(|recompute| plan(config, Layout { recompute, ..layout }, target));
     let (unit, unit_name) = if plans[0].total() as f64 >= GIB { (GIB, "GiB") } else { (MIB, "MiB") };
     let kind = config.train.dtype.kind();

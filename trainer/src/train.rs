@@ -1,7 +1,7 @@
 //! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
 use crate::checkpoint::{check_same_model, load_optimizer, load_params, Checkpointer, Reader, SaveReport, SaveStatus};
 use crate::comm::{wait_all, Comm, GroupKind, Topology};
-use crate::config::Config;
+use crate::config::{invalid_config, Config, InvalidConfig};
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
 use crate::hf;
@@ -10,12 +10,13 @@ use crate::metrics::Metrics;
 use crate::model::{segment_specs, TpShard};
 use crate::optim::learning_rate;
 use crate::params::FlatParams;
-use crate::preempt::{Preemption, REQUEUE_EXIT_CODE};
+use crate::preempt::Preemption;
 use crate::run_lock::RunLock;
 use crate::step_sync::{StepScalars, StepTotals, SyncCounter};
 use crate::timing::{lap, reset_phases, take_phases, GroupSeconds, Phase, PhaseSeconds};
 use crate::zero::DistOptimizer;
 use anyhow::{bail, Context, Result};
+use launcher::protocol;
 use data_shards::DataCursor;
 use serde::Serialize;
 use std::io::Write;
@@ -55,16 +56,12 @@ pub struct StepRecord {
 
 /// The configured device; `cuda` means this rank's node-local GPU.
 pub fn device_of(config: &Config, local_rank: usize) -> Result<Device> {
-    let device = match config.train.device.as_str() {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => Device::Cuda(local_rank),
-        other => Device::Cuda(other["cuda:".len()..].parse().with_context(|| format!("train.device = {other:?}"))?),
-    };
-    if !tch::Cuda::is_available() {
-        anyhow::bail!(
-            "train.device = {:?} but no CUDA device is visible; use train.device = \"cpu\"",
+    let device = config.train.device.of_local_rank(local_rank);
+    if device.is_cuda() && !tch::Cuda::is_available() {
+        return Err(invalid_config(format!(
+            "train.device = \"{}\" but no CUDA device is visible; use train.device = \"cpu\"",
             config.train.device
-        );
+        )));
     }
     Ok(device)
 }
@@ -95,23 +92,21 @@ pub enum Outcome {
 pub fn train(config: &Config) -> Result<Outcome> {
     let timeout = Duration::from_secs_f64(config.parallel.collective_timeout_s);
     let comm = Arc::new(Comm::init(config.parallel.tensor as usize, timeout)?);
-    train_ranks(config, comm.clone()).map_err(|error| comm.end_job_on_error(error))
+    let world = comm.topology.world;
+    let config = config.for_world(world as i64).context(InvalidConfig(format!("for {world} ranks")));
+    config.and_then(|config| train_ranks(&config, comm.clone())).map_err(|error| comm.end_job_on_error(error))
 }
 
 /// Training on the joined ranks; an error on any rank ends the job (see [`Comm::end_job_on_error`]).
 fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     let topology = comm.topology;
-    // "invalid config" marks errors a restart cannot fix (the launcher does not retry them).
-    config
-        .validate_layout(topology.world as i64)
-        .with_context(|| format!("invalid config for {} ranks", topology.world))?;
     let device = device_of(config, topology.local_rank)?;
     check_machine(config, topology, device)?;
     if config.train.threads > 0 {
         tch::set_num_threads(config.train.threads as i32);
     }
     if let Some(dir) = &config.train.export_dir {
-        hf::check_replaceable(dir).context("invalid config train.export_dir")?;
+        hf::check_replaceable(dir).context(InvalidConfig("train.export_dir".into()))?;
     }
     let leader = topology.rank == 0;
     // Held until training ends: two jobs in one run directory would interleave their logs and
@@ -123,7 +118,7 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     let (mut optimizer, first_step, cursor) = starting_state(config, &mut engine, &metrics)?;
     check_schedule(config, first_step)?;
     let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device, cursor)
-        .with_context(|| format!("invalid config data.path = {}", config.data.path.display()))?;
+        .with_context(|| format!("cannot read data.path = {}", config.data.path.display()))?;
     let mut log = if leader { Some(StepLog::open(config, first_step)?) } else { None };
     let c = &config.checkpoint;
     let mut checkpointer =
@@ -226,13 +221,13 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     }
     if preempted {
         if leader {
-            info!("preempted by a signal: the checkpoint is saved; exiting with status {REQUEUE_EXIT_CODE} (requeue)");
+            info!("preempted by a signal: the checkpoint is saved; exiting with status {} (requeue)", protocol::PREEMPTED);
         }
         return Ok(Outcome::Preempted);
     }
 
     if let Some(dir) = &t.export_dir {
-        hf::export(&engine, config, data.tokenizer_path.as_deref(), dir)?;
+        crate::export::from_engine(&engine, config, data.tokenizer_path.as_deref(), dir)?;
     }
     if t.sample_tokens > 0 {
         let path =
@@ -257,27 +252,27 @@ const THREADS_PER_CPU: i64 = 4;
 fn check_machine(config: &Config, topology: Topology, device: Device) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     if config.train.threads > THREADS_PER_CPU * cpus {
-        bail!(
-            "invalid config train.threads = {}: this machine has {cpus} CPUs; more threads per rank than CPUs only \
-             slow it down (0 = libtorch's default)",
+        return Err(invalid_config(format!(
+            "train.threads = {}: this machine has {cpus} CPUs; more threads per rank than CPUs only slow it down \
+             (0 = libtorch's default)",
             config.train.threads
-        );
+        )));
     }
     let layout = crate::plan::Layout::of(config, topology.world as i64)?;
     let needed = crate::plan::plan(config, layout, crate::plan::Target::of(config)).total();
     let (available, what, sharing) = match device {
         Device::Cuda(index) => (crate::cuda::memory_info(index)?.0, format!("cuda:{index} has free"), 1),
-        _ => (host_available_memory()?, "this host has available".to_string(), local_ranks()),
+        _ => (host_available_memory()?, "this host has available".to_string(), protocol::local_size().unwrap_or(1) as u64),
     };
     if needed * sharing > available {
         let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
-        bail!(
-            "invalid config: each rank needs about {:.1} GiB ({sharing} on this node; `trainer plan` shows the terms) \
+        return Err(invalid_config(format!(
+            "(memory): each rank needs about {:.1} GiB ({sharing} on this node; `trainer plan` shows the terms) \
              but {what} {:.1} GiB; use more ranks or tensor parallelism, parallel.zero, train.recompute, or a \
              smaller train.micro_batch",
             gib(needed),
             gib(available)
-        );
+        )));
     }
     Ok(())
 }
@@ -290,14 +285,6 @@ fn host_available_memory() -> Result<u64> {
         .find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
         .context("/proc/meminfo has no MemAvailable line")?;
     Ok(kib * 1024)
-}
-
-/// Ranks of this job on this node (from the launcher's environment; 1 when unknown).
-fn local_ranks() -> u64 {
-    ["OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "MPI_LOCALNRANKS"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .unwrap_or(1)
 }
 
 /// Ends a run whose last `skipped` steps (up to `step`) all had a non-finite gradient norm, past
@@ -319,14 +306,16 @@ fn check_divergence(optim: &crate::config::OptimConfig, skipped: i64, step: i64)
 fn check_schedule(config: &Config, first_step: i64) -> Result<()> {
     let t = &config.train;
     if first_step >= t.steps {
-        bail!(
-            "invalid config train.steps = {}: the checkpoint resumed is at step {first_step}, so nothing is left to \
-             train; raise train.steps to continue this run",
+        return Err(invalid_config(format!(
+            "train.steps = {}: the checkpoint resumed is at step {first_step}, so nothing is left to train; raise \
+             train.steps to continue this run",
             t.steps
-        );
+        )));
     }
     if let Some(stop) = t.stop_at_step.filter(|&stop| stop <= first_step) {
-        bail!("invalid config train.stop_at_step = {stop} is not after the step resumed from, {first_step}");
+        return Err(invalid_config(format!(
+            "train.stop_at_step = {stop} is not after the step resumed from, {first_step}"
+        )));
     }
     Ok(())
 }
@@ -342,13 +331,14 @@ fn starting_state(config: &Config, engine: &mut Engine, metrics: &Metrics) -> Re
         (Some(dir), _) => Some(dir.clone()),
         (None, true) => Checkpointer::latest(&config.checkpoint_dir(), leader)?,
         (None, false) => match Checkpointer::latest(&config.checkpoint_dir(), false)? {
-            Some(newest) => bail!(
-                "invalid config checkpoint.resume = false: {} already holds checkpoints (the newest is {}), which \
-                 starting over would overwrite; resume, remove them yourself, or choose another train.run_dir or \
-                 checkpoint.dir",
-                config.checkpoint_dir().display(),
-                newest.display()
-            ),
+            Some(newest) => {
+                return Err(invalid_config(format!(
+                    "checkpoint.resume = false: {} already holds checkpoints (the newest is {}), which starting over \
+                     would overwrite; resume, remove them yourself, or choose another train.run_dir or checkpoint.dir",
+                    config.checkpoint_dir().display(),
+                    newest.display()
+                )))
+            }
             None => None,
         },
     };

@@ -25,7 +25,7 @@ fn check_against_transformers(overrides: &[&str]) {
     let engine = build_engine(&config, Arc::new(Comm::single())).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), hf::config_json(&config.model, "float32").to_string()).unwrap();
-    let weights = hf::gather_weights(&engine).unwrap();
+    let weights = engine.hf_weights().unwrap();
     hf::save_weights(&weights, &dir.path().join("model.safetensors")).unwrap();
     tch::manual_seed(7);
     let (batch, seq) = (2, 48);

@@ -1,5 +1,5 @@
 //! The MPI backend: collectives on CPU tensors as blocking MPI calls on the communication thread.
-use super::{Op, ReduceOp};
+use super::{op::Op, ReduceOp};
 use anyhow::{bail, Context, Result};
 use mpi::ffi;
 use mpi::topology::SimpleCommunicator;
@@ -144,7 +144,8 @@ pub(super) fn broadcast_bytes(comm: &SimpleCommunicator, bytes: &mut [u8]) -> Re
 /// The MPI calls behind the collectives, called directly on a communicator: the reference
 /// that benchmarks hold the collectives (queue, communication thread, checks) against.
 pub mod raw {
-    use super::{run, Op, ReduceOp};
+    use super::{run, ReduceOp};
+    use crate::comm::op::Op;
     use anyhow::Result;
     use mpi::topology::{Communicator, SimpleCommunicator};
     use tch::Tensor;

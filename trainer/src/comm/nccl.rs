@@ -6,7 +6,7 @@
 //! no implicit synchronization with the null stream) wait for it, launches the collective
 //! and records a `done` event, which the compute stream waits for when the handle is waited
 //! on: neither stream blocks the host, and computation overlaps communication in between.
-use super::{GroupKind, Op, ReduceOp};
+use super::{op::Op, GroupKind, ReduceOp};
 use crate::cuda::{make_current, require, Event, Library, Priority, Stream};
 use anyhow::{bail, Context, Result};
 use cudarc::nccl::{result as nccl, sys as nccl_sys};
