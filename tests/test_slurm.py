@@ -1,4 +1,4 @@
-"""`launcher slurm` on a real one-node Slurm: a 2-rank CPU job trains and checkpoints, and a preempted job saves, requeues itself and ends bit for bit like an uninterrupted run."""
+"""`launcher slurm` on a real one-node Slurm: a 2-rank CPU job trains and checkpoints, a preempted job saves, requeues itself and ends bit for bit like an uninterrupted run, and a job whose ranks exit 78 (invalid configuration) is not requeued."""
 import json
 import os
 import subprocess
@@ -105,3 +105,18 @@ def test_a_preempted_job_requeues_and_ends_like_an_uninterrupted_run(slurm_clust
     assert "resumed from" in out and f"step-{saved:08d}" in out, out
     assert records(run_dir) == records(reference)
     assert (run_dir / "final" / "model.safetensors").read_bytes() == (reference / "final" / "model.safetensors").read_bytes()
+
+
+def test_a_job_whose_ranks_exit_78_is_not_requeued(slurm_cluster, tmp_path):
+    # 78 (invalid configuration) is decided on by status alone: whatever the ranks print, it is never requeued.
+    jobs = tmp_path / "jobs"
+    script = "echo 'error: invalid config a.toml' >&2; exit 78"
+    result = run(*slurm_command(jobs, "badconfig", "--program", "/bin/sh", "--submit", "--wait"), "--", "-c", script,
+                 env=slurm_cluster, check=False, timeout=300)
+    job = result.stdout.splitlines()[0]
+    out = (jobs / f"badconfig-{job}.out").read_text()
+    assert result.returncode == 78, f"{result.stderr}\n{out}"
+    assert "the trainer refused its configuration (exit status 78); not requeueing" in out, out
+    assert "requeueing the job" not in out, out
+    assert job_field(slurm_cluster, job, "Restarts") == "0"
+    assert job_field(slurm_cluster, job, "JobState") == "FAILED"

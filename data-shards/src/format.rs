@@ -339,7 +339,29 @@ pub fn is_dataset_file(name: &str) -> bool {
     name == MANIFEST_FILE || name == TOKENIZER_FILE || Split::ALL.into_iter().any(is_shard)
 }
 
-/// xxh3-128 of `bytes` as 32 lowercase hex digits.
+/// xxh3-128 of `bytes` as 32 lowercase hex digits (the checksums of shards and of checkpoint files).
 pub fn checksum_hex(bytes: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
+    digest_hex(xxhash_rust::xxh3::xxh3_128(bytes))
+}
+
+/// An xxh3-128 digest (of [`xxhash_rust::xxh3::xxh3_128`] or a streaming `Xxh3::digest128`) as 32 lowercase hex
+/// digits, as [`checksum_hex`] writes it.
+pub fn digest_hex(digest: u128) -> String {
+    format!("{digest:032x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksums_are_32_hex_digits_and_streaming_gives_the_same() {
+        assert_eq!(digest_hex(0xab), format!("{}ab", "0".repeat(30)));
+        assert_eq!(digest_hex(u128::MAX), "f".repeat(32));
+        let bytes: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        bytes.chunks(1000).for_each(|chunk| hasher.update(chunk));
+        assert_eq!(digest_hex(hasher.digest128()), checksum_hex(&bytes));
+        assert_eq!(checksum_hex(b""), "99aa06d3014798d86001c324468d497f");
+    }
 }

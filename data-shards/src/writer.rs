@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::DataError;
 use crate::format::{
-    shard_file_name, Dtype, Manifest, ShardHeader, ShardInfo, Split, SplitInfo, FORMAT_VERSION, HEADER_LEN,
+    digest_hex, shard_file_name, Dtype, Manifest, ShardHeader, ShardInfo, Split, SplitInfo, FORMAT_VERSION, HEADER_LEN,
     MANIFEST_FILE, MANIFEST_FORMAT,
 };
 
@@ -124,7 +124,7 @@ impl ShardWriter {
             file: path.file_name().expect("shard path has a file name").to_string_lossy().into_owned(),
             num_tokens: header.num_tokens,
             num_documents: header.num_documents,
-            xxh3_128: format!("{:032x}", hasher.digest128()),
+            xxh3_128: digest_hex(hasher.digest128()),
         })
     }
 }

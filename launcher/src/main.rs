@@ -2,6 +2,8 @@
 mod guard;
 mod mpirun;
 mod procs;
+mod program;
+mod relay;
 mod signals;
 mod slurm;
 mod supervise;
@@ -63,8 +65,9 @@ struct RunArgs {
     #[arg(long = "mpirun-arg", value_name = "ARG", allow_hyphen_values = true)]
     mpirun_args: Vec<String>,
 
-    /// Supervise the job: start it again after a failure (a rank exits non-zero or is killed), up to K times. The
-    /// trainer resumes from its latest checkpoint. 0: run it once.
+    /// Supervise the job: start it again after a failure (a rank exits non-zero or is killed), up to K times; not
+    /// after exit 78 (invalid configuration) or 2 (usage error). The trainer resumes from its latest checkpoint. 0:
+    /// run it once.
     #[arg(long, value_name = "K", default_value_t = 0)]
     max_restarts: u32,
 
@@ -204,7 +207,7 @@ fn run_job(args: RunArgs) -> Result<ExitCode> {
         Some(program) => program,
         None => default_program()?,
     };
-    let program = mpirun::resolve_program(&program)?;
+    let program = program::resolve(&program)?;
     let mut env = Vec::new();
     if let Some(hostfile) = &args.hostfile {
         if !hostfile.is_file() {
@@ -236,7 +239,7 @@ fn slurm_job(args: SlurmArgs) -> Result<ExitCode> {
         Some(program) => program,
         None => default_program()?,
     };
-    let program = mpirun::resolve_program(&program)?;
+    let program = program::resolve(&program)?;
     let metrics_port = match args.metrics_port {
         Some(port) => port,
         None => slurm::metrics_port_in(&args.program_args)?.unwrap_or(slurm::DEFAULT_METRICS_PORT),

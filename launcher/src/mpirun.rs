@@ -1,18 +1,15 @@
-//! One `mpirun` job: building its command line, running it in a session of its own under a guard, and relaying its ranks' output.
+//! One `mpirun` job: its command line, and running it in a session of its own under a guard while its output is relayed.
 use crate::guard::Guard;
 use crate::procs;
+use crate::program::find_in_path;
+use crate::relay::Relays;
 use crate::signals::{SignalForwarder, Stopped};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long to keep relaying output after mpirun has exited, in case something it started still holds the pipes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -21,7 +18,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Job {
     pub nproc: u32,
-    /// Absolute path (see [`resolve_program`]).
+    /// Absolute path (see [`crate::program::resolve`]).
     pub program: PathBuf,
     pub program_args: Vec<OsString>,
     pub hostfile: Option<PathBuf>,
@@ -34,13 +31,11 @@ pub struct Job {
 /// How the job ended.
 #[derive(Debug)]
 pub struct Outcome {
-    /// mpirun's exit status.
+    /// mpirun's exit status: the status of the first rank that exited non-zero, or the error code of an `MPI_Abort`
+    /// (see [`launcher::protocol::ExitClass`]); 0 when every rank exited 0.
     pub status: ExitStatus,
     /// Whether the job was asked to stop because the launcher received a signal, and whether it was killed.
     pub stopped: Stopped,
-    /// A rank reported that the trainer refused its configuration (`error: invalid config ...`): running the same
-    /// job again cannot succeed.
-    pub config_refused: bool,
     /// Processes of the job still alive after mpirun exited, killed by the launcher.
     pub leftovers_killed: usize,
 }
@@ -120,17 +115,7 @@ impl Job {
             }
         };
 
-        let config_refused = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = mpsc::channel();
-        let mut relays = 0;
-        if let Some(out) = child.stdout.take() {
-            spawn_relay(out, done_tx.clone(), Arc::clone(&config_refused));
-            relays += 1;
-        }
-        if let Some(err) = child.stderr.take() {
-            spawn_relay(err, done_tx.clone(), Arc::clone(&config_refused));
-            relays += 1;
-        }
+        let relays = Relays::start(&mut child);
 
         signals.attach(pid);
         let exited = wait_exited(pid);
@@ -140,14 +125,10 @@ impl Job {
         let status = child.wait().context("waiting for mpirun")?;
         let leftovers_killed = procs::kill_leftovers(pid);
 
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        for _ in 0..relays {
-            if done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
-                eprintln!("launcher: mpirun exited but its output pipes are still open; not waiting for them");
-                break;
-            }
+        if !relays.finish(DRAIN_TIMEOUT) {
+            eprintln!("launcher: mpirun exited but its output pipes are still open; not waiting for them");
         }
-        Ok(Outcome { status, stopped, config_refused: config_refused.load(Ordering::Relaxed), leftovers_killed })
+        Ok(Outcome { status, stopped, leftovers_killed })
     }
 }
 
@@ -163,178 +144,9 @@ fn wait_exited(pid: rustix::process::Pid) -> Result<()> {
     }
 }
 
-/// The launcher's exit code for mpirun's status: its exit code, or 128 + signal if it was killed.
-pub fn exit_code(status: ExitStatus) -> i32 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code,
-        (None, Some(signal)) => 128 + signal,
-        (None, None) => 1,
-    }
-}
-
-/// Checks that `program` is an executable file and returns it as an absolute path; a bare name is looked up on PATH.
-pub fn resolve_program(program: &Path) -> Result<PathBuf> {
-    let is_bare_name = program.components().count() == 1 && !program.is_absolute();
-    let path = if is_bare_name && !program.exists() {
-        match find_in_path(program.as_os_str()) {
-            Some(path) => path,
-            None => bail!("program {} not found on PATH; build it with `scripts/setup`", program.display()),
-        }
-    } else {
-        std::path::absolute(program).with_context(|| format!("invalid program path {}", program.display()))?
-    };
-    if !path.is_file() {
-        bail!("program {} does not exist; build it with `scripts/setup` (or pass --program)", path.display());
-    }
-    if !is_executable(&path) {
-        bail!("program {} is not executable", path.display());
-    }
-    Ok(path)
-}
-
-fn is_executable(path: &Path) -> bool {
-    path.metadata().is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-}
-
-/// The first executable called `name` in a directory of PATH.
-fn find_in_path(name: impl AsRef<std::ffi::OsStr>) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name.as_ref())).find(|candidate| is_executable(candidate))
-}
-
-/// Relays one of mpirun's output pipes on a thread; sends on `done` at end of file.
-fn spawn_relay(pipe: impl Read + Send + 'static, done: mpsc::Sender<()>, config_refused: Arc<AtomicBool>) {
-    thread::spawn(move || {
-        relay(BufReader::new(pipe), &config_refused);
-        let _ = done.send(());
-    });
-}
-
-/// The trainer's messages for a configuration it refuses before training (`Config::load`): a job that printed one
-/// fails again however often it is restarted.
-const CONFIG_ERRORS: [&[u8]; 2] = [b"error: invalid config ", b"error: cannot read config file "];
-
-/// Whether a relayed piece (`[rank R] text\n`) is the trainer refusing its configuration.
-fn is_config_error(piece: &[u8]) -> bool {
-    let Some(rest) = piece.strip_prefix(b"[rank ") else { return false };
-    let Some(end) = rest.iter().position(|&b| b == b']') else { return false };
-    let text = rest[end + 1..].strip_prefix(b" ").unwrap_or(&rest[end + 1..]);
-    CONFIG_ERRORS.iter().any(|prefix| text.starts_with(prefix))
-}
-
-/// Re-prints each line read from mpirun with its rank prefix, on the launcher's stdout or stderr; sets
-/// `config_refused` when a rank reports that the trainer refused its configuration.
-fn relay(mut input: impl BufRead, config_refused: &AtomicBool) {
-    let mut line = Vec::new();
-    // After a write error (e.g. the reader of our stdout went away) keep draining mpirun's pipe, so it never blocks.
-    let (mut stdout_ok, mut stderr_ok) = (true, true);
-    loop {
-        line.clear();
-        match input.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        for (stream, out) in format_line(text) {
-            if is_config_error(&out) {
-                config_refused.store(true, Ordering::Relaxed);
-            }
-            match stream {
-                Stream::Stdout if stdout_ok => stdout_ok = std::io::stdout().lock().write_all(&out).is_ok(),
-                Stream::Stderr if stderr_ok => stderr_ok = std::io::stderr().lock().write_all(&out).is_ok(),
-                _ => {}
-            }
-        }
-    }
-}
-
-/// Which of the launcher's streams a line goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// The launcher's output for one line of mpirun output (without its newline), each piece ending in a newline.
-///
-/// `--tag-output` lines look like `[JOBID,RANK]<stdout>:text` (or `<stderr>:`, `<stddiag>:`). mpirun does not
-/// end a rank's last line if the rank did not, so another tag can follow mid-line; each tag starts a new piece.
-/// Untagged lines are mpirun's own messages and go to stderr as they are.
-fn format_line(line: &[u8]) -> Vec<(Stream, Vec<u8>)> {
-    let Some((mut tag, mut start)) = parse_tag(line) else {
-        let mut out = line.to_vec();
-        out.push(b'\n');
-        return vec![(Stream::Stderr, out)];
-    };
-    let mut pieces = Vec::new();
-    loop {
-        let next = (start..line.len())
-            .filter(|&i| line[i] == b'[')
-            .find_map(|i| parse_tag(&line[i..]).map(|(tag, len)| (i, tag, len)));
-        let end = next.map_or(line.len(), |(i, _, _)| i);
-        let mut out = format!("[rank {}] ", tag.rank).into_bytes();
-        out.extend_from_slice(&line[start..end]);
-        out.push(b'\n');
-        pieces.push((tag.stream, out));
-        match next {
-            Some((i, next_tag, len)) => (tag, start) = (next_tag, i + len),
-            None => return pieces,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Tag {
-    rank: u32,
-    stream: Stream,
-}
-
-/// Parses a `[JOBID,RANK]<stdout>:` tag at the start of `s`; returns it and its length.
-fn parse_tag(s: &[u8]) -> Option<(Tag, usize)> {
-    let rest = s.strip_prefix(b"[")?;
-    let jobid_len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let rest = rest[jobid_len..].strip_prefix(b",").filter(|_| jobid_len > 0)?;
-    let rank_len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let rank = std::str::from_utf8(&rest[..rank_len]).ok()?.parse().ok()?;
-    let rest = rest[rank_len..].strip_prefix(b"]")?;
-    let (stream, name_len) =
-        [(Stream::Stdout, &b"<stdout>:"[..]), (Stream::Stderr, b"<stderr>:"), (Stream::Stderr, b"<stddiag>:")]
-            .into_iter()
-            .find(|(_, name)| rest.starts_with(name))
-            .map(|(stream, name)| (stream, name.len()))?;
-    Some((Tag { rank, stream }, s.len() - rest.len() + name_len))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn text(pieces: Vec<(Stream, Vec<u8>)>) -> Vec<(Stream, String)> {
-        pieces.into_iter().map(|(stream, out)| (stream, String::from_utf8(out).unwrap())).collect()
-    }
-
-    #[test]
-    fn tagged_lines_get_rank_prefix_and_stream() {
-        assert_eq!(text(format_line(b"[1,0]<stdout>:hello")), [(Stream::Stdout, "[rank 0] hello\n".into())]);
-        assert_eq!(text(format_line(b"[12,17]<stderr>:oops: x")), [(Stream::Stderr, "[rank 17] oops: x\n".into())]);
-        assert_eq!(text(format_line(b"[1,2]<stddiag>:diag")), [(Stream::Stderr, "[rank 2] diag\n".into())]);
-        assert_eq!(text(format_line(b"[1,3]<stdout>:")), [(Stream::Stdout, "[rank 3] \n".into())]);
-    }
-
-    #[test]
-    fn untagged_lines_pass_through_to_stderr() {
-        for line in ["-----", "[1,x]<stdout>:no", "[,1]<stdout>:no", "[1,1]<stdin>:no", "mpirun noticed that"] {
-            assert_eq!(text(format_line(line.as_bytes())), [(Stream::Stderr, format!("{line}\n"))]);
-        }
-    }
-
-    #[test]
-    fn unterminated_rank_output_followed_by_another_tag_is_split() {
-        assert_eq!(
-            text(format_line(b"[1,0]<stdout>:no newline[1,1]<stderr>:next [x]")),
-            [(Stream::Stdout, "[rank 0] no newline\n".into()), (Stream::Stderr, "[rank 1] next [x]\n".into())]
-        );
-    }
 
     #[test]
     fn command_line_has_flags_then_extra_args_then_program() {
@@ -379,21 +191,5 @@ mod tests {
         let exported = for_remote_ranks(vars.iter().map(|(n, v)| (n.to_string(), v.to_string())));
         let names: Vec<_> = exported.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["NCCL_DEBUG", "RUST_LOG"]);
-    }
-
-    #[test]
-    fn config_errors_are_recognised_only_as_a_ranks_own_error_line() {
-        assert!(is_config_error(b"[rank 1] error: invalid config a.toml: model.n_heads = 7 must divide\n"));
-        assert!(is_config_error(b"[rank 0] error: cannot read config file /x.toml: No such file\n"));
-        assert!(!is_config_error(b"[rank 0] error: collective all_reduce timed out\n"));
-        assert!(!is_config_error(b"[rank 0] INFO step 3 error: invalid config\n"));
-        assert!(!is_config_error(b"error: invalid config a.toml\n"));
-    }
-
-    #[test]
-    fn exit_code_maps_signals_to_128_plus() {
-        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
-        assert_eq!(exit_code(ExitStatus::from_raw(9)), 137);
-        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
     }
 }

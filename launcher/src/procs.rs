@@ -51,7 +51,7 @@ pub fn kill_session(session: Pid) {
 fn local_ranks(mpirun: Pid) -> Vec<Pid> {
     let is_rank = |pid: Pid| {
         let environ = std::fs::read(format!("/proc/{}/environ", pid.as_raw_nonzero())).unwrap_or_default();
-        environ.split(|&b| b == 0).any(|var| var.starts_with(b"OMPI_COMM_WORLD_RANK="))
+        launcher::protocol::is_mpirun_rank(&environ)
     };
     children_of(mpirun).into_iter().filter(|&(pid, zombie)| !zombie && is_rank(pid)).map(|(pid, _)| pid).collect()
 }

@@ -1,5 +1,6 @@
-//! `launcher slurm`: an sbatch script that runs the trainer's ranks with `srun --mpi=pmix`, forwards the preemption signal and requeues the job when the trainer exits 75.
+//! `launcher slurm`: an sbatch script that runs the trainer's ranks with `srun --mpi=pmix`, forwards the preemption signal and requeues the job by exit status alone (75: requeue; 78: never).
 use anyhow::{bail, Context, Result};
+use launcher::protocol::{exit_code, INVALID_CONFIG, PREEMPTED};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -112,10 +113,16 @@ impl Batch {
             "# Written by `launcher slurm`: {} node(s) x {} rank(s) of the trainer, started by srun --mpi=pmix.",
             self.nodes, self.ntasks_per_node
         ));
+        line(format!(
+            "# USR1/TERM are forwarded to the ranks, which save a checkpoint and exit {PREEMPTED}; the job then requeues"
+        ));
         line(
-            "# USR1/TERM are forwarded to the ranks, which save a checkpoint and exit 75; the job then requeues".into(),
+            "# itself and the next run resumes from the checkpoint's `latest`. The requeue is decided by the step's"
+                .into(),
         );
-        line("# itself and the next run resumes from the checkpoint's `latest`.".into());
+        line(format!(
+            "# exit status alone: {INVALID_CONFIG} (invalid configuration) and any other failure are not requeued."
+        ));
         line(format!("#SBATCH --job-name={}", self.job_name));
         line(format!("#SBATCH --nodes={}", self.nodes));
         line(format!("#SBATCH --ntasks-per-node={}", self.ntasks_per_node));
@@ -155,7 +162,12 @@ impl Batch {
         for arg in &self.program_args {
             args.push(quote(arg.to_str().with_context(|| format!("argument {arg:?} is not UTF-8"))?));
         }
-        s.push_str(&SCRIPT_BODY.replace("@TRAINER_COMMAND@", &args.join(" ")));
+        s.push_str(
+            &SCRIPT_BODY
+                .replace("@TRAINER_COMMAND@", &args.join(" "))
+                .replace("@PREEMPTED@", &PREEMPTED.to_string())
+                .replace("@INVALID_CONFIG@", &INVALID_CONFIG.to_string()),
+        );
         Ok(s)
     }
 }
@@ -176,7 +188,8 @@ write_targets() {
 write_targets || log "could not write $OUT_DIR/prometheus-targets.json"
 
 # A signal to this script (--signal=B:USR1@N before the time limit, `scancel --batch --signal=USR1`, or TERM) is
-# passed on to the training step: srun forwards it to every rank, and the ranks finish their step, save and exit 75.
+# passed on to the training step: srun forwards it to every rank, and the ranks finish their step, save and exit
+# @PREEMPTED@.
 srun_pid=""
 interrupted=""
 forward() {
@@ -188,8 +201,10 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 log "starting ${SLURM_NTASKS} rank(s) on ${SLURM_JOB_NODELIST}"
-# No --kill-on-bad-exit: the ranks of a preempted job exit 75 one after the other, and killing the last ones
-# would turn the step's status 75 into 143. A rank that dies makes the others fail at their collective timeout.
+# No --kill-on-bad-exit: the ranks of a preempted job exit @PREEMPTED@ one after the other, and killing the last ones
+# would turn the step's status @PREEMPTED@ into 143. A rank that dies makes the others fail at their collective timeout.
+# srun exits with the error code of a rank's MPI_Abort (the trainer aborts with @INVALID_CONFIG@ on an invalid
+# configuration), else with the highest status of the ranks, a rank killed by a signal counting as 128 + signal.
 srun --mpi=pmix --kill-on-bad-exit=0 @TRAINER_COMMAND@ &
 srun_pid=$!
 # `wait` returns early when a trapped signal arrives; wait again until the step has really ended.
@@ -200,10 +215,14 @@ while :; do
   [ -n "$interrupted" ] || break
 done
 
-if [ "$rc" -eq 75 ]; then
-  log "the trainer saved a checkpoint and exited 75 (preempted); requeueing the job"
+# Requeue by the step's exit status alone: @PREEMPTED@ (a checkpoint was saved) is requeued; @INVALID_CONFIG@ (the
+# configuration is invalid) and every other status end the job with that status.
+if [ "$rc" -eq @PREEMPTED@ ]; then
+  log "the trainer saved a checkpoint and exited @PREEMPTED@ (preempted); requeueing the job"
   if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
   log "scontrol requeue failed"
+elif [ "$rc" -eq @INVALID_CONFIG@ ]; then
+  log "the trainer refused its configuration (exit status @INVALID_CONFIG@); not requeueing: a restart cannot fix it"
 fi
 log "training step ended with exit status $rc"
 exit "$rc"
@@ -251,7 +270,7 @@ pub fn submit(batch: &Batch, wait: bool) -> Result<i32> {
         }
     }
     let status = child.wait().context("waiting for sbatch")?;
-    let code = crate::mpirun::exit_code(status);
+    let code = exit_code(status);
     match (&job_id, code) {
         (None, _) => bail!("sbatch did not submit the job (exit status {code})"),
         (Some(id), code) if wait && code != 0 => eprintln!("launcher: batch job {id} failed (exit status {code})"),
@@ -303,6 +322,8 @@ mod tests {
             "METRICS_PORT=9500\n",
             "srun --mpi=pmix --kill-on-bad-exit=0 \"$TRAINER\" train --config configs/llama-7b.toml --set 'train.run_dir=it'\\''s here' &\n",
             "scontrol requeue \"$SLURM_JOB_ID\"",
+            "if [ \"$rc\" -eq 75 ]; then\n",
+            "elif [ \"$rc\" -eq 78 ]; then\n  log \"the trainer refused its configuration (exit status 78); not requeueing",
         ] {
             assert!(script.contains(expected), "{expected:?} missing from:\n{script}");
         }
@@ -311,6 +332,9 @@ mod tests {
         cpu.cpus_per_task = None;
         let script = cpu.script().unwrap();
         assert!(!script.contains("--gpus-per-node") && !script.contains("--cpus-per-task"), "{script}");
+        for placeholder in ["@TRAINER_COMMAND@", "@PREEMPTED@", "@INVALID_CONFIG@"] {
+            assert!(!script.contains(placeholder), "{placeholder} left in:\n{script}");
+        }
     }
 
     #[test]

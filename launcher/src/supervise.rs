@@ -1,13 +1,10 @@
-//! Supervision of an mpirun job: restarts after failures with exponential backoff, the preemption status, and errors that no restart can fix.
-use crate::mpirun::{exit_code, Job, Outcome};
+//! Supervision of an mpirun job: restarts after failures with exponential backoff, decided by the job's exit status alone (preempted, invalid configuration, usage error, other failures).
+use crate::mpirun::{Job, Outcome};
 use crate::signals::SignalForwarder;
 use anyhow::Result;
+use launcher::protocol::{exit_code, ExitClass, INVALID_CONFIG, PREEMPTED, USAGE_ERROR};
 use std::time::Duration;
 
-/// The trainer's exit status after a preemption signal: it saved a checkpoint and wants to be started again.
-pub const PREEMPTED: i32 = 75;
-/// A usage error (clap's status for bad command-line arguments): running the same command again cannot succeed.
-pub const USAGE_ERROR: i32 = 2;
 /// The longest wait between two restarts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -18,7 +15,7 @@ pub struct Policy {
     pub max_restarts: u32,
     /// Wait before the first restart after a failure; doubled for each further one, up to [`MAX_BACKOFF`].
     pub backoff: Duration,
-    /// Restart at once (without counting a failure) when the job exits [`PREEMPTED`], instead of exiting 75.
+    /// Restart at once (without counting a failure) when the job exits [`PREEMPTED`], instead of exiting with it.
     pub restart_on_preempt: bool,
     /// After the launcher's SIGINT/SIGTERM, how long the job may take to exit before it is killed.
     pub kill_after: Duration,
@@ -58,24 +55,24 @@ pub fn supervise(mut job: Job, policy: &Policy) -> Result<i32> {
         }
         let outcome = job.run(&signals)?;
         let code = exit_code(outcome.status);
+        let class = ExitClass::of(code);
         let what = describe(&outcome);
         if !policy.supervised() {
-            match code {
-                0 => {}
-                PREEMPTED => eprintln!("launcher: job preempted ({what})"),
+            match class {
+                ExitClass::Succeeded => {}
+                ExitClass::Preempted => eprintln!("launcher: job preempted ({what})"),
                 _ => eprintln!("launcher: job failed ({what})"),
             }
             return Ok(code);
         }
-        let next = match code {
-            0 => Next::Done,
+        let next = match class {
+            ExitClass::Succeeded => Next::Done,
             _ if signals.received().is_some() => Next::Stop,
-            PREEMPTED if policy.restart_on_preempt => Next::RestartNow,
-            PREEMPTED => Next::Stop,
-            USAGE_ERROR => Next::Stop,
-            _ if outcome.config_refused => Next::Stop,
-            _ if failures < policy.max_restarts => Next::RestartAfterBackoff,
-            _ => Next::Stop,
+            ExitClass::Preempted if policy.restart_on_preempt => Next::RestartNow,
+            ExitClass::Preempted => Next::Stop,
+            ExitClass::InvalidConfig | ExitClass::UsageError => Next::Stop,
+            ExitClass::Failed if failures < policy.max_restarts => Next::RestartAfterBackoff,
+            ExitClass::Failed => Next::Stop,
         };
         let attempts = restarts + 1;
         match next {
@@ -88,13 +85,18 @@ pub fn supervise(mut job: Job, policy: &Policy) -> Result<i32> {
             Next::Stop => {
                 let why = if let Some(signal) = signals.received() {
                     format!("the launcher received {signal}")
-                } else if code == PREEMPTED {
-                    "preempted: exiting 75 so that a scheduler can requeue it (--restart-on-preempt restarts it here)"
-                        .to_string()
-                } else if code == USAGE_ERROR {
-                    "exit status 2 is a usage error, which a restart cannot fix".to_string()
-                } else if outcome.config_refused {
-                    "the trainer refused its configuration, which a restart cannot fix".to_string()
+                } else if class == ExitClass::Preempted {
+                    format!(
+                        "preempted: exiting {PREEMPTED} so that a scheduler can requeue it (--restart-on-preempt \
+                         restarts it here)"
+                    )
+                } else if class == ExitClass::UsageError {
+                    format!("exit status {USAGE_ERROR} is a usage error, which a restart cannot fix")
+                } else if class == ExitClass::InvalidConfig {
+                    format!(
+                        "the trainer refused its configuration (exit status {INVALID_CONFIG}), which a restart cannot \
+                         fix"
+                    )
                 } else {
                     format!(
                         "giving up after {failures} restart(s) after failures (--max-restarts {})",

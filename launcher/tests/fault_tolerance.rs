@@ -142,9 +142,10 @@ fn an_invalid_configuration_stops_at_once_without_restarts() {
     let config = write_config(work.path(), "bad");
     let running = start(&config, &["--max-restarts", "3", "--restart-backoff", "30"], &["--set", "model.n_heads=7"]);
     let (status, stderr) = running.finish(Duration::from_secs(25));
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    // The trainer exits (MPI_Abort) with the invalid-configuration status, which alone stops the supervision.
+    assert_eq!(status.code(), Some(i32::from(launcher::protocol::INVALID_CONFIG)), "{stderr}");
     assert!(stderr.contains("model.n_heads = 7"), "{stderr}");
-    assert!(stderr.contains("not restarting: the trainer refused its configuration"), "{stderr}");
+    assert!(stderr.contains("not restarting: the trainer refused its configuration (exit status 78)"), "{stderr}");
     assert!(!stderr.contains("restart 1 of"), "{stderr}");
 }
 

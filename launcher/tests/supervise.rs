@@ -1,4 +1,4 @@
-//! `launcher run --max-restarts` with the real `mpirun` and `/bin/sh` ranks: restarts, backoff, preemption, errors that are not restarted, leftovers.
+//! `launcher run --max-restarts` with the real `mpirun` and `/bin/sh` ranks: restarts, backoff, preemption, statuses that are not restarted (whatever the ranks print), leftovers.
 mod common;
 
 use common::{launcher, processes_with, unique, wait_until, Running};
@@ -94,15 +94,41 @@ fn usage_and_configuration_errors_are_not_restarted() {
     assert!(stderr.contains("not restarting: exit status 2 is a usage error"), "{stderr}");
 
     std::fs::remove_file(&log).unwrap();
-    // The trainer's message for a configuration it refuses, from one rank.
+    // One rank refuses its configuration: it exits 78 (the trainer does so through MPI_Abort), which is mpirun's
+    // status too, while the other rank waits.
     let script = format!(
-        "{} [ $OMPI_COMM_WORLD_RANK = 0 ] || {{ echo 'error: invalid config a.toml: model.n_heads = 7 must divide model.dim = 64' >&2; exit 1; }}",
+        "{} [ $OMPI_COMM_WORLD_RANK = 0 ] && exec sleep 30; echo 'error: invalid config a.toml: model.n_heads = 7 must divide model.dim = 64' >&2; exit 78",
         log_attempt(&log)
     );
     let (status, stderr) = supervised(&["--max-restarts", "3"], &script).finish(Duration::from_secs(60));
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(status.code(), Some(78), "{stderr}");
     assert_eq!(attempts(&log).len(), 2, "one run");
-    assert!(stderr.contains("not restarting: the trainer refused its configuration"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "not restarting: the trainer refused its configuration (exit status 78), which a restart cannot fix"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_restart_decision_is_made_by_exit_status_not_by_what_a_rank_printed() {
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("attempts");
+    // The text of a configuration error, but status 1 (as for a transient I/O error): a failure like any other,
+    // restarted within the budget; the second run succeeds.
+    let script = format!(
+        "{} [ $OMPI_COMM_WORLD_RANK = 0 ] || [ $TRAINER_RESTARTS -ge 1 ] || {{ echo 'error: invalid config a.toml: model.n_heads = 7 must divide model.dim = 64' >&2; exit 1; }}",
+        log_attempt(&log)
+    );
+    let (status, stderr) =
+        supervised(&["--max-restarts", "3", "--restart-backoff", "0"], &script).finish(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(attempts(&log), ["rank 0 restarts 0", "rank 0 restarts 1", "rank 1 restarts 0", "rank 1 restarts 1"]);
+    assert!(stderr.contains("[rank 1] error: invalid config a.toml"), "{stderr}");
+    assert!(stderr.contains("launcher: job failed (exit status 1); restart 1 of 3 in 0.0 s"), "{stderr}");
+    assert!(stderr.contains("launcher: job finished after 2 run(s): 1 restart(s), 1 after failures"), "{stderr}");
+    assert!(!stderr.contains("refused its configuration"), "{stderr}");
 }
 
 #[test]
