@@ -85,11 +85,19 @@ pub const MPI_LOCALNRANKS: &str = "MPI_LOCALNRANKS";
 pub const SLURM_PROCID: &str = "SLURM_PROCID";
 /// Set by Slurm for each task of a step: the task's index on this node.
 pub const SLURM_LOCALID: &str = "SLURM_LOCALID";
+/// Set by Slurm for each task of a step: the number of tasks of the step.
+pub const SLURM_NTASKS: &str = "SLURM_NTASKS";
+/// Set by a PMIx server: the number of ranks in the job.
+pub const PMIX_SIZE: &str = "PMIX_SIZE";
+/// Set by a PMI/PMI-2 server: the number of ranks in the job.
+pub const PMI_SIZE: &str = "PMI_SIZE";
 /// Set by Slurm from `--ntasks-per-node`.
 pub const SLURM_NTASKS_PER_NODE: &str = "SLURM_NTASKS_PER_NODE";
 
 /// Where a rank's rank in the job is read, first set (and valid) first.
 pub const WORLD_RANK_VARS: [&str; 4] = [OMPI_COMM_WORLD_RANK, PMIX_RANK, PMI_RANK, SLURM_PROCID];
+/// Where the number of ranks in the job is read, first set (and valid) first.
+pub const WORLD_SIZE_VARS: [&str; 4] = [OMPI_COMM_WORLD_SIZE, PMIX_SIZE, PMI_SIZE, SLURM_NTASKS];
 /// Where a rank's node-local rank is read, first set (and valid) first.
 pub const LOCAL_RANK_VARS: [&str; 3] = [OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID, MPI_LOCALRANKID];
 /// Where the number of the job's ranks on this node is read, first set (and valid) first.
@@ -103,6 +111,8 @@ pub const STARTED_BY_MPI_VARS: [&str; 3] = [OMPI_COMM_WORLD_SIZE, PMIX_RANK, PMI
 pub struct RankEnv {
     /// Its rank in the job ([`WORLD_RANK_VARS`]); `None` when started alone.
     pub world_rank: Option<usize>,
+    /// The number of ranks in the job ([`WORLD_SIZE_VARS`]); `None` when started alone.
+    pub world_size: Option<usize>,
     /// Its rank among the job's ranks on this node ([`LOCAL_RANK_VARS`]).
     pub local_rank: Option<usize>,
     /// The number of the job's ranks on this node ([`LOCAL_SIZE_VARS`]).
@@ -121,6 +131,7 @@ impl RankEnv {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> RankEnv {
         RankEnv {
             world_rank: first_number(&WORLD_RANK_VARS, &lookup),
+            world_size: first_number(&WORLD_SIZE_VARS, &lookup),
             local_rank: first_number(&LOCAL_RANK_VARS, &lookup),
             local_size: first_number(&LOCAL_SIZE_VARS, &lookup),
             started_by_mpi: STARTED_BY_MPI_VARS.iter().any(|name| lookup(name).is_some()),
@@ -136,6 +147,11 @@ fn first_number(names: &[&str], lookup: &impl Fn(&str) -> Option<OsString>) -> O
 /// This process's rank in its job ([`WORLD_RANK_VARS`]); `None` when started alone.
 pub fn world_rank() -> Option<usize> {
     RankEnv::from_env().world_rank
+}
+
+/// The number of ranks in this process's job ([`WORLD_SIZE_VARS`]); `None` when started alone.
+pub fn world_size() -> Option<usize> {
+    RankEnv::from_env().world_size
 }
 
 /// This process's rank among the job's ranks on its node ([`LOCAL_RANK_VARS`]).
@@ -216,21 +232,45 @@ mod tests {
         ];
         assert_eq!(
             env(&ompi),
-            RankEnv { world_rank: Some(5), local_rank: Some(1), local_size: Some(4), started_by_mpi: true }
+            RankEnv {
+                world_rank: Some(5),
+                world_size: Some(8),
+                local_rank: Some(1),
+                local_size: Some(4),
+                started_by_mpi: true
+            }
         );
     }
 
     #[test]
     fn each_list_is_read_in_order_skipping_unset_and_invalid_values() {
-        let srun = [("SLURM_PROCID", "3"), ("SLURM_LOCALID", "1"), ("SLURM_NTASKS_PER_NODE", "2"), ("PMIX_RANK", "3")];
+        let srun = [
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NTASKS_PER_NODE", "2"),
+            ("PMIX_RANK", "3"),
+        ];
         assert_eq!(
             env(&srun),
-            RankEnv { world_rank: Some(3), local_rank: Some(1), local_size: Some(2), started_by_mpi: true }
+            RankEnv {
+                world_rank: Some(3),
+                world_size: Some(4),
+                local_rank: Some(1),
+                local_size: Some(2),
+                started_by_mpi: true
+            }
         );
         let hydra = [("PMI_RANK", "6"), ("MPI_LOCALRANKID", "2"), ("MPI_LOCALNRANKS", "3")];
         assert_eq!(
             env(&hydra),
-            RankEnv { world_rank: Some(6), local_rank: Some(2), local_size: Some(3), started_by_mpi: true }
+            RankEnv {
+                world_rank: Some(6),
+                world_size: None,
+                local_rank: Some(2),
+                local_size: Some(3),
+                started_by_mpi: true
+            }
         );
         // Slurm writes `2(x3)` for a varying number of tasks per node: not a number, so the next variable counts.
         let odd = [("OMPI_COMM_WORLD_RANK", "x"), ("PMIX_RANK", "4"), ("SLURM_NTASKS_PER_NODE", "2(x3)")];

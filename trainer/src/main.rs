@@ -1,10 +1,10 @@
 //! The `trainer` command line: train, count parameters, export, draw a run's report, check the machine's libraries.
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use launcher::protocol;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use launcher::protocol;
 use trainer::config::{Config, InvalidConfig};
 use trainer::train::Outcome;
 

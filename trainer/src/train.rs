@@ -16,8 +16,8 @@ use crate::step_sync::{StepScalars, StepTotals, SyncCounter};
 use crate::timing::{lap, reset_phases, take_phases, GroupSeconds, Phase, PhaseSeconds};
 use crate::zero::DistOptimizer;
 use anyhow::{bail, Context, Result};
-use launcher::protocol;
 use data_shards::DataCursor;
+use launcher::protocol;
 use serde::Serialize;
 use std::io::Write;
 use std::sync::Arc;
@@ -221,7 +221,10 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     }
     if preempted {
         if leader {
-            info!("preempted by a signal: the checkpoint is saved; exiting with status {} (requeue)", protocol::PREEMPTED);
+            info!(
+                "preempted by a signal: the checkpoint is saved; exiting with status {} (requeue)",
+                protocol::PREEMPTED
+            );
         }
         return Ok(Outcome::Preempted);
     }
@@ -262,7 +265,11 @@ fn check_machine(config: &Config, topology: Topology, device: Device) -> Result<
     let needed = crate::plan::plan(config, layout, crate::plan::Target::of(config)).total();
     let (available, what, sharing) = match device {
         Device::Cuda(index) => (crate::cuda::memory_info(index)?.0, format!("cuda:{index} has free"), 1),
-        _ => (host_available_memory()?, "this host has available".to_string(), protocol::local_size().unwrap_or(1) as u64),
+        _ => (
+            host_available_memory()?,
+            "this host has available".to_string(),
+            protocol::local_size().unwrap_or(1) as u64,
+        ),
     };
     if needed * sharing > available {
         let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;

@@ -31,7 +31,11 @@ fn modules() -> BTreeMap<String, Vec<PathBuf>> {
             continue;
         }
         let files = if path.is_dir() {
-            std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "rs")).collect()
+            std::fs::read_dir(&path)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+                .collect()
         } else {
             vec![path]
         };
@@ -85,7 +89,10 @@ fn every_module_uses_only_modules_of_lower_layers() {
     let modules = modules();
     let listed: BTreeSet<&String> = layers.keys().collect();
     let present: BTreeSet<&String> = modules.keys().collect();
-    assert_eq!(listed, present, "the layers table of docs/ARCHITECTURE.md must list exactly the modules of trainer/src");
+    assert_eq!(
+        listed, present,
+        "the layers table of docs/ARCHITECTURE.md must list exactly the modules of trainer/src"
+    );
     let mut upward = Vec::new();
     for (module, files) in &modules {
         for file in files {

@@ -151,4 +151,3 @@ pub(super) fn kind_of(dtype: &str) -> Result<Kind> {
 pub(super) fn region_view(buffer: &Tensor, region: &Region) -> Tensor {
     buffer.narrow(0, region.flat.start, region.flat.end - region.flat.start).view(region.shape.as_slice())
 }
-

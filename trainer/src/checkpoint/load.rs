@@ -4,12 +4,12 @@ use crate::config::{invalid_config, Config};
 use crate::params::FlatParams;
 use crate::zero::DistOptimizer;
 use anyhow::{bail, Context, Result};
+use data_shards::format::checksum_hex;
 use safetensors::SafeTensors;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
-use data_shards::format::checksum_hex;
 
 /// A checkpoint file, memory-mapped, with its safetensors header parsed once.
 struct MappedFile {
@@ -249,4 +249,3 @@ pub fn load_optimizer(reader: &mut Reader, params: &FlatParams, optimizer: &mut 
     optimizer.adamw().set_steps_taken(reader.manifest().step);
     Ok(())
 }
-

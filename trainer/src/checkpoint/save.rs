@@ -1,10 +1,13 @@
 //! Saving: each rank copies its regions to host memory and writes them (in the background when asynchronous); rank 0 commits the manifest and publishes the step.
-use super::format::{dtype_name, region_view, step_dir_name, step_of_dir_name, Manifest, Piece, TensorEntry, FORMAT_VERSION};
+use super::format::{
+    dtype_name, region_view, step_dir_name, step_of_dir_name, Manifest, Piece, TensorEntry, FORMAT_VERSION,
+};
 use crate::comm::{Comm, GroupKind, ReduceOp};
 use crate::config::Config;
 use crate::params::{FlatParams, Region};
 use crate::zero::DistOptimizer;
 use anyhow::{bail, Context, Result};
+use data_shards::format::checksum_hex;
 use data_shards::DataCursor;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 use std::collections::BTreeMap;
@@ -14,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use tch::Tensor;
-use data_shards::format::checksum_hex;
 
 /// Points `root/latest` at step `step`'s directory, by rename.
 fn publish_latest(root: &Path, step: i64) -> Result<()> {
@@ -365,4 +367,3 @@ impl Checkpointer {
         Ok(())
     }
 }
-

@@ -27,11 +27,11 @@ pub use nccl::{self_test as nccl_self_test, version as nccl_version};
 
 use crate::config::InvalidConfig;
 use crate::cuda::Event;
-use launcher::protocol;
 use crate::timing;
 pub use crate::topology::{Group, GroupKind, Topology};
 use ::mpi::topology::SimpleCommunicator;
 use anyhow::{bail, Context, Result};
+use launcher::protocol;
 use std::io::Write;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::{Arc, OnceLock};

@@ -1,11 +1,11 @@
 //! The communication thread that runs the queued collectives in order, and the watchdog that ends a rank blocked in one past its deadline.
 use super::op::{context, timed_out, Op, Summary};
 use super::{mpi, nccl, receive_soon, write_error_line, CollectiveObserver, Failure};
-use crate::topology::{GroupKind, Topology};
 use crate::cuda::Event;
-use launcher::protocol;
+use crate::topology::{GroupKind, Topology};
 use ::mpi::topology::{Color, Communicator, SimpleCommunicator};
 use anyhow::{bail, Context, Result};
+use launcher::protocol;
 use std::collections::VecDeque;
 use std::os::raw::c_int;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -222,4 +222,3 @@ impl Worker {
         }
     }
 }
-

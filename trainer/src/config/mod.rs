@@ -40,8 +40,7 @@ impl Config {
             .with_context(|| format!("cannot read config file {}", path.display()))
             .context(InvalidConfig(format!("{}: cannot read it", path.display())))?;
         let name = path.file_stem().map(|stem| stem.to_string_lossy().into_owned());
-        Self::parse_named(&text, overrides, name.as_deref())
-            .context(InvalidConfig(path.display().to_string()))
+        Self::parse_named(&text, overrides, name.as_deref()).context(InvalidConfig(path.display().to_string()))
     }
 
     /// Parses a configuration's text (the run directory defaults to `runs/run`).

@@ -91,11 +91,7 @@ impl ModelConfig {
         positive("model.max_seq_len", self.max_seq_len)?;
         positive("model.n_kv_heads", self.kv_heads())?;
         if self.dim % self.n_heads != 0 {
-            bail!(
-                "model.n_heads = {} must divide model.dim = {} (head size = dim / n_heads)",
-                self.n_heads,
-                self.dim
-            );
+            bail!("model.n_heads = {} must divide model.dim = {} (head size = dim / n_heads)", self.n_heads, self.dim);
         }
         if self.head_dim() % 2 != 0 {
             bail!("model.dim / model.n_heads = {} must be even for rotary embeddings", self.head_dim());
