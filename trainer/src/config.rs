@@ -532,7 +532,7 @@ impl Config {
     }
 }
 
-/// Prometheus metrics served by every rank (`metrics.rs`; checked by `MetricsConfig::validate` there).
+/// Prometheus metrics served by every rank (`metrics/`; checked by `MetricsConfig::validate` below).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -623,6 +623,27 @@ fn positive_f(key: &str, value: f64) -> Result<()> {
         bail!("{key} = {value} must be a positive number");
     }
     Ok(())
+}
+
+impl MetricsConfig {
+    /// Checks the `[metrics]` section.
+    pub fn validate(&self) -> Result<()> {
+        if self.address.parse::<std::net::IpAddr>().is_err() {
+            bail!("metrics.address = {:?} must be an IP address such as \"127.0.0.1\" or \"0.0.0.0\"", self.address);
+        }
+        if self.port == 0 {
+            bail!("metrics.port = 0 must be > 0 (rank with local rank r serves on metrics.port + r)");
+        }
+        if let Some(peak) = self.peak_flops {
+            if !(peak > 0.0 && peak.is_finite()) {
+                bail!("metrics.peak_flops = {peak} must be a positive number (FLOP/s of one rank's device)");
+            }
+        }
+        if self.run_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+            bail!("metrics.run_id must not be empty (leave it out to use the run directory's name)");
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
