@@ -276,7 +276,7 @@ mod tests {
         let odd = [("OMPI_COMM_WORLD_RANK", "x"), ("PMIX_RANK", "4"), ("SLURM_NTASKS_PER_NODE", "2(x3)")];
         assert_eq!(
             env(&odd),
-            RankEnv { world_rank: Some(4), local_rank: None, local_size: None, started_by_mpi: true }
+            RankEnv { world_rank: Some(4), world_size: None, local_rank: None, local_size: None, started_by_mpi: true }
         );
         assert!(env(&[("PMI_RANK", "")]).started_by_mpi, "set, even if empty");
         assert_eq!(env(&[("OMPI_COMM_WORLD_SIZE", "2")]).world_rank, None);

@@ -16,6 +16,7 @@ pub mod plan;
 pub mod preempt;
 pub mod report;
 pub mod run_lock;
+pub mod runlog;
 pub mod step_sync;
 pub mod timing;
 pub mod topology;

@@ -1,36 +1,11 @@
 //! `trainer report`: a PNG of a run's `metrics.jsonl` with four panels (training loss, validation loss, tokens/s, learning rate over steps).
-use anyhow::{bail, Context, Result};
+use crate::runlog::{read_metrics, ReportRow};
+use anyhow::{Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use serde::Deserialize;
 use std::path::Path;
 use std::sync::Once;
-
-/// The fields of one `metrics.jsonl` line that the report draws (others are ignored).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct ReportRow {
-    pub step: i64,
-    pub loss: f64,
-    pub lr: f64,
-    pub tokens_per_s: f64,
-    #[serde(default)]
-    pub val_loss: Option<f64>,
-}
-
-/// Reads `metrics.jsonl` (one JSON object per step; blank lines are skipped).
-pub fn read_metrics(path: &Path) -> Result<Vec<ReportRow>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let row = serde_json::from_str(line).with_context(|| format!("{} line {}", path.display(), i + 1))?;
-        rows.push(row);
-    }
-    if rows.is_empty() {
-        bail!("{} has no steps to report", path.display());
-    }
-    Ok(rows)
-}
 
 const WIDTH: u32 = 1600;
 const HEIGHT: u32 = 1000;

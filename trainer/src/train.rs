@@ -1,7 +1,7 @@
 //! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
 use crate::checkpoint::{check_same_model, load_optimizer, load_params, Checkpointer, Reader, SaveReport, SaveStatus};
 use crate::comm::{wait_all, Comm, GroupKind, Topology};
-use crate::config::{invalid_config, Config, InvalidConfig};
+use crate::config::{invalid_config, Config, InvalidConfig, TrainConfig};
 use crate::data::{load_tokenizer, TrainData};
 use crate::engine::Engine;
 use crate::hf;
@@ -12,47 +12,17 @@ use crate::optim::learning_rate;
 use crate::params::FlatParams;
 use crate::preempt::Preemption;
 use crate::run_lock::RunLock;
+use crate::runlog::{StepLog, StepRecord};
 use crate::step_sync::{StepScalars, StepTotals, SyncCounter};
-use crate::timing::{lap, reset_phases, take_phases, GroupSeconds, Phase, PhaseSeconds};
+use crate::timing::{lap, reset_phases, take_phases, Phase};
 use crate::zero::DistOptimizer;
 use anyhow::{bail, Context, Result};
 use data_shards::DataCursor;
 use launcher::protocol;
-use serde::Serialize;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tracing::info;
-
-/// One line of the run's `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct StepRecord {
-    pub step: i64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub tokens_per_s: f64,
-    pub step_seconds: f64,
-    /// Model FLOPs utilization (see [`Metrics::mfu`]).
-    pub mfu: f64,
-    /// Seconds of the step by phase (data wait, forward, backward, communication wait, optimizer).
-    #[serde(serialize_with = "crate::timing::serialize_phases")]
-    pub phase_seconds: PhaseSeconds,
-    /// Of the communication phase: seconds waited on each group's collectives (tensor, data, world).
-    #[serde(serialize_with = "crate::timing::serialize_groups")]
-    pub wait_seconds: GroupSeconds,
-    /// Host synchronizations from the step's start to its record (see [`crate::step_sync`]):
-    /// one, where the step's scalars are read, unless something else stalls the host.
-    pub host_syncs: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub val_loss: Option<f64>,
-    /// This rank's peak of allocated memory during the step's forward, backward and update,
-    /// above what the process held before the model was built ([`PeakMemory`]); absent where
-    /// it is not measured yet (CUDA).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peak_memory_bytes: Option<u64>,
-}
 
 /// The configured device; `cuda` means this rank's node-local GPU.
 pub fn device_of(config: &Config, local_rank: usize) -> Result<Device> {
@@ -112,7 +82,7 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     // Held until training ends: two jobs in one run directory would interleave their logs and
     // prune each other's checkpoints.
     let _lock = leader.then(|| RunLock::acquire(&config.train.run_dir)).transpose()?;
-    let metrics = Metrics::start(config, &comm)?;
+    let metrics = Metrics::start(config, &comm, device)?;
     let memory = PeakMemory::start(device).context("cannot start the memory sampler")?;
     let mut engine = build_engine(config, comm.clone())?;
     let (mut optimizer, first_step, cursor) = starting_state(config, &mut engine, &metrics)?;
@@ -197,7 +167,8 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
         };
         metrics.record_step(&record);
         if let Some(log) = log.as_mut() {
-            log.write(&record, t.log_every, t.steps, last)?;
+            log_step(&record, t, last);
+            log.write(&record)?;
         }
         preempted = flags[0];
         let saved = checkpointer.settle(&comm, SaveStatus { writing: flags[1], failed: flags[2] })?;
@@ -387,46 +358,6 @@ fn report_save(leader: bool, metrics: &Metrics, report: Option<SaveReport>) {
     }
 }
 
-/// The run directory's `config.toml` and `metrics.jsonl` (one JSON line per step), kept by rank 0.
-struct StepLog {
-    file: std::fs::File,
-}
-
-impl StepLog {
-    /// Creates the log, or (resuming after `first_step` steps) keeps the lines of the steps
-    /// up to it and appends after them.
-    fn open(config: &Config, first_step: i64) -> Result<StepLog> {
-        let run_dir = &config.train.run_dir;
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-        let written = run_dir.join("config.toml");
-        std::fs::write(&written, config.to_toml()).with_context(|| format!("cannot write {}", written.display()))?;
-        let path = run_dir.join("metrics.jsonl");
-        let kept: String = match std::fs::read_to_string(&path) {
-            Ok(text) if first_step > 0 => text
-                .lines()
-                .filter(|line| {
-                    let step = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_i64());
-                    step.is_some_and(|s| s <= first_step)
-                })
-                .map(|line| format!("{line}\n"))
-                .collect(),
-            _ => String::new(),
-        };
-        std::fs::write(&path, kept).with_context(|| format!("cannot write {}", path.display()))?;
-        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok(StepLog { file })
-    }
-
-    fn write(&mut self, record: &StepRecord, log_every: i64, steps: i64, last: bool) -> Result<()> {
-        if record.step % log_every == 0 || last || record.val_loss.is_some() {
-            log_step(record, steps);
-        }
-        writeln!(self.file, "{}", serde_json::to_string(record)?)?;
-        Ok(())
-    }
-}
-
 /// Forward and backward over this rank's micro-batches; on the last one, each segment's
 /// gradients start their data-parallel reduction as soon as they are final, overlapping
 /// the rest of the backward pass (or, without `overlap`, all of them after it). Returns
@@ -467,7 +398,12 @@ fn validation_loss(engine: &Engine, data: &TrainData, config: &Config) -> Result
     Ok(total / (t.eval_sequences * t.seq_len) as f64)
 }
 
-fn log_step(r: &StepRecord, steps: i64) {
+/// Logs a step's line every `train.log_every` steps, at the last step and with a validation loss.
+fn log_step(r: &StepRecord, t: &TrainConfig, last: bool) {
+    if r.step % t.log_every != 0 && !last && r.val_loss.is_none() {
+        return;
+    }
+    let steps = t.steps;
     match r.val_loss {
         Some(val) => info!(
             "step {}/{steps} loss {:.4} val_loss {val:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0} mfu {:.3}",

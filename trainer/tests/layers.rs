@@ -97,7 +97,9 @@ fn every_module_uses_only_modules_of_lower_layers() {
     for (module, files) in &modules {
         for file in files {
             let text = std::fs::read_to_string(file).unwrap();
-            for used in used_modules(&text) {
+            // Comments may name any module (doc links); only code makes a dependency.
+            let code: String = text.lines().map(|line| line.split("//").next().unwrap()).collect::<Vec<_>>().join("\n");
+            for used in used_modules(&code) {
                 if used == *module || !layers.contains_key(&used) {
                     continue;
                 }

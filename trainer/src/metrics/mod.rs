@@ -1,29 +1,22 @@
-//! Prometheus metrics of one rank: the registry the training loop updates and the `/metrics` HTTP endpoint served from its own thread.
-//!
-//! The training loop only touches atomics (`prometheus` gauges, counters and histograms are
-//! lock-free to update); a scrape gathers and encodes them on the server thread, which runs a
-//! single-threaded tokio runtime, so a scrape never blocks a step. The communication thread
-//! adds the time and size of every collective through [`crate::comm::CollectiveObserver`].
-//! Step phases come from the phase clock in [`crate::timing`].
-use crate::comm::{CollectiveObserver, Comm, GroupKind, Topology};
-use crate::config::{Config, MetricsConfig, TrainDevice};
-use crate::timing::{GROUPS, PHASES};
-use crate::train::StepRecord;
-use anyhow::{Context, Result};
-use prometheus::{
-    exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry, TextEncoder,
-};
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Notify;
-use tracing::{info, warn, Instrument, Span};
+//! Prometheus metrics of one rank: what the training loop records, and the `/metrics` endpoint ([`server`]) that serves them from a thread of its own.
+mod memory;
+mod registry;
+mod server;
 
-/// Label values of the collective operations, as `comm.rs` names them.
-pub const OPERATIONS: [&str; 5] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"];
+use crate::comm::{Comm, Topology};
+use crate::config::Config;
+use crate::runlog::StepRecord;
+use crate::timing::{GROUPS, PHASES};
+use anyhow::Result;
+use memory::MemoryGauges;
+use prometheus::{exponential_buckets, Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+use registry::{gauge, histogram, int_counter, int_gauge, Collectives, Scraped};
+use server::Server;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tch::Device;
+use tracing::warn;
 
 /// Peak FLOP/s assumed per CPU thread when `metrics.peak_flops` is unset: about one x86 core's
 /// fp32 peak with AVX2 (2 FMA units x 8 lanes x 2 FLOP x 3 GHz).
@@ -32,87 +25,11 @@ pub const CPU_PEAK_FLOPS_PER_THREAD: f64 = 1e11;
 /// Peak FLOP/s assumed per GPU when `metrics.peak_flops` is unset: H100/H200 SXM dense bf16.
 pub const GPU_PEAK_FLOPS: f64 = 989e12;
 
-/// Collective time and bytes by group and operation, updated by the communication thread.
-struct Collectives {
-    seconds: Vec<prometheus::Counter>,
-    bytes: Vec<IntCounter>,
-    count: Vec<IntCounter>,
-}
-
-impl std::fmt::Debug for Collectives {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Collectives")
-    }
-}
-
-impl CollectiveObserver for Collectives {
-    fn record(&self, group: GroupKind, operation: &'static str, elapsed: Duration, bytes: u64) {
-        let group = match group {
-            GroupKind::Tensor => 0,
-            GroupKind::Data => 1,
-            GroupKind::World => 2,
-        };
-        let Some(op) = OPERATIONS.iter().position(|&o| o == operation) else { return };
-        let i = group * OPERATIONS.len() + op;
-        self.seconds[i].inc_by(elapsed.as_secs_f64());
-        self.bytes[i].inc_by(bytes);
-        self.count[i].inc();
-    }
-}
-
-/// What the server thread reads: the registry and the memory gauges it refreshes per scrape.
-struct Scraped {
-    registry: Registry,
-    host_memory: Gauge,
-    device_memory: Option<(Gauge, nvml_wrapper::Nvml, u32)>,
-    rank: usize,
-}
-
-impl Scraped {
-    fn refresh_memory(&self) {
-        if let Some(bytes) = host_rss_bytes() {
-            self.host_memory.set(bytes as f64);
-        }
-        if let Some((gauge, nvml, index)) = &self.device_memory {
-            if let Some(bytes) = device_memory_bytes(nvml, *index) {
-                gauge.set(bytes as f64);
-            }
-        }
-    }
-
-    /// The exposition text of every metric (Prometheus text format 0.0.4).
-    fn render(&self) -> String {
-        self.refresh_memory();
-        let mut text = String::new();
-        if let Err(error) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
-            warn!("cannot encode metrics: {error}");
-        }
-        text
-    }
-}
-
-/// Resident set size of this process, from `/proc/self/statm` (Linux).
-fn host_rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * rustix::param::page_size() as u64)
-}
-
-/// GPU memory NVML reports for this process on GPU `index` (or the whole GPU's used memory
-/// when per-process accounting is unavailable).
-fn device_memory_bytes(nvml: &nvml_wrapper::Nvml, index: u32) -> Option<u64> {
-    let device = nvml.device_by_index(index).ok()?;
-    let pid = std::process::id();
-    let own = device.running_compute_processes().ok().and_then(|processes| {
-        processes.into_iter().find(|p| p.pid == pid).and_then(|p| match p.used_gpu_memory {
-            nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) => Some(bytes),
-            nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
-        })
-    });
-    own.or_else(|| device.memory_info().ok().map(|m| m.used))
-}
-
-/// One rank's metrics. Updating them never blocks; `Drop` stops the HTTP server.
+/// One rank's metrics. The training loop only updates atomics (`prometheus` gauges, counters
+/// and histograms are lock-free to update); a scrape gathers and encodes them on the server's
+/// thread, so a scrape never blocks a step. The communication thread adds the time and size of
+/// every collective through [`crate::comm::CollectiveObserver`]; step phases come from the
+/// phase clock in [`crate::timing`]. `Drop` stops the HTTP server.
 pub struct Metrics {
     loss: Gauge,
     validation_loss: Gauge,
@@ -146,49 +63,21 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> Result<Gauge> {
-    let gauge = Gauge::with_opts(Opts::new(name, help))?;
-    registry.register(Box::new(gauge.clone()))?;
-    Ok(gauge)
-}
-
-fn int_gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge> {
-    let gauge = IntGauge::with_opts(Opts::new(name, help))?;
-    registry.register(Box::new(gauge.clone()))?;
-    Ok(gauge)
-}
-
-fn int_counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter> {
-    let counter = IntCounter::with_opts(Opts::new(name, help))?;
-    registry.register(Box::new(counter.clone()))?;
-    Ok(counter)
-}
-
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram> {
-    let histogram = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-    registry.register(Box::new(histogram.clone()))?;
-    Ok(histogram)
-}
-
-/// Children of a metric vector for every combination of groups and operations, in order.
-fn by_group_and_operation<B: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricVec<B>) -> Vec<B::M> {
-    GROUPS.iter().flat_map(|g| OPERATIONS.iter().map(move |o| vec.with_label_values(&[*g, *o]))).collect()
-}
-
 impl Metrics {
-    /// The metrics of this rank; also serves them over HTTP when `metrics.enabled`, and
-    /// records the collectives of `comm`.
-    pub fn start(config: &Config, comm: &Comm) -> Result<Metrics> {
-        let mut metrics = Metrics::new(config, &comm.topology)?;
+    /// The metrics of this rank, training on `device`; also serves them over HTTP when
+    /// `metrics.enabled`, and records the collectives of `comm`.
+    pub fn start(config: &Config, comm: &Comm, device: Device) -> Result<Metrics> {
+        let mut metrics = Metrics::new(config, &comm.topology, device)?;
         comm.observe_collectives(metrics.collectives.clone());
         if config.metrics.enabled {
-            metrics.server = Some(Server::start(&config.metrics, comm.topology, metrics.scraped.clone())?);
+            let scraped = metrics.scraped.clone();
+            metrics.server = Some(Server::start(&config.metrics, comm.topology.local_rank, scraped)?);
         }
         Ok(metrics)
     }
 
-    /// The metrics of this rank without the HTTP server.
-    pub fn new(config: &Config, topology: &Topology) -> Result<Metrics> {
+    /// The metrics of this rank, training on `device`, without the HTTP server.
+    pub fn new(config: &Config, topology: &Topology, device: Device) -> Result<Metrics> {
         let run_id = config.metrics.run_id.clone().unwrap_or_else(|| {
             config.train.run_dir.file_name().map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned())
         });
@@ -222,57 +111,11 @@ impl Metrics {
         r.register(Box::new(wait_vec.clone()))?;
         let wait_seconds = GROUPS.iter().map(|g| wait_vec.with_label_values(&[*g])).collect();
 
-        let labels = &["group", "operation"];
-        let seconds = prometheus::CounterVec::new(
-            Opts::new(
-                "trainer_collective_seconds_total",
-                "Time of collectives on the communication thread (overlapped with compute or not)",
-            ),
-            labels,
-        )?;
-        let bytes = prometheus::IntCounterVec::new(
-            Opts::new("trainer_collective_bytes_total", "Bytes of the buffers of collectives (all_reduce, broadcast: the tensor; reduce_scatter: the input; all_gather: the output)"),
-            labels,
-        )?;
-        let count =
-            prometheus::IntCounterVec::new(Opts::new("trainer_collectives_total", "Collectives completed"), labels)?;
-        for vec in [
-            Box::new(seconds.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(bytes.clone()),
-            Box::new(count.clone()),
-        ] {
-            r.register(vec)?;
-        }
-        let collectives = Arc::new(Collectives {
-            seconds: by_group_and_operation(&seconds),
-            bytes: by_group_and_operation(&bytes),
-            count: by_group_and_operation(&count),
-        });
+        let collectives = Arc::new(Collectives::register(&r)?);
+        let memory = MemoryGauges::register(&r, device)?;
+        let scraped = Arc::new(Scraped { registry: r.clone(), memory, rank: topology.rank });
 
-        let memory = GaugeVec::new(
-            Opts::new("trainer_memory_used_bytes", "Memory in use: memory=\"host_rss\" (resident set of the process), memory=\"device\" (GPU memory of the process, CUDA only)"),
-            &["memory"],
-        )?;
-        r.register(Box::new(memory.clone()))?;
-        let device_memory = match crate::train::device_of(config, topology.local_rank)? {
-            tch::Device::Cuda(index) => match nvml_wrapper::Nvml::init() {
-                Ok(nvml) => Some((memory.with_label_values(&["device"]), nvml, index as u32)),
-                Err(error) => {
-                    warn!("device memory is not reported: NVML is not available ({error})");
-                    None
-                }
-            },
-            _ => None,
-        };
-        let scraped = Arc::new(Scraped {
-            host_memory: memory.with_label_values(&["host_rss"]),
-            device_memory,
-            registry: r.clone(),
-            rank: topology.rank,
-        });
-
-        let is_cpu = config.train.device == TrainDevice::Cpu;
-        let peak = config.metrics.peak_flops.unwrap_or(if is_cpu {
+        let peak = config.metrics.peak_flops.unwrap_or(if device == Device::Cpu {
             CPU_PEAK_FLOPS_PER_THREAD * tch::get_num_threads().max(1) as f64
         } else {
             GPU_PEAK_FLOPS
@@ -416,149 +259,15 @@ impl Metrics {
     }
 }
 
-/// The HTTP endpoint: a thread running a single-threaded tokio runtime.
-struct Server {
-    address: SocketAddr,
-    shutdown: Arc<Notify>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(config: &MetricsConfig, topology: Topology, scraped: Arc<Scraped>) -> Result<Server> {
-        let ip: IpAddr = config.address.parse().with_context(|| format!("metrics.address = {:?}", config.address))?;
-        let port = u16::try_from(u32::from(config.port) + topology.local_rank as u32).ok().with_context(|| {
-            format!(
-                "metrics.port = {} + local rank {} is above 65535; lower metrics.port",
-                config.port, topology.local_rank
-            )
-        })?;
-        let address = SocketAddr::new(ip, port);
-        let listener = std::net::TcpListener::bind(address).map_err(|error| {
-            anyhow::anyhow!(
-                "cannot serve metrics on {address} (port {port} = metrics.port {} + local rank {}): {error}; \
-                 choose free ports with metrics.port (e.g. --set metrics.port=9500) or turn metrics off with metrics.enabled = false",
-                config.port,
-                topology.local_rank
-            )
-        })?;
-        listener.set_nonblocking(true).context("cannot make the metrics socket non-blocking")?;
-        let shutdown = Arc::new(Notify::new());
-        let stop = shutdown.clone();
-        let span = Span::current();
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || span.in_scope(|| serve(listener, scraped, stop)))
-            .context("cannot start the metrics thread")?;
-        info!("metrics served at http://{address}/metrics");
-        Ok(Server { address, shutdown, thread: Some(thread) })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.shutdown.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn serve(listener: std::net::TcpListener, scraped: Arc<Scraped>, shutdown: Arc<Notify>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            warn!("metrics are not served: cannot start the tokio runtime: {error}");
-            return;
-        }
-    };
-    runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(error) => {
-                warn!("metrics are not served: {error}");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.notified() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let scraped = scraped.clone();
-                        let answer = async move {
-                            match tokio::time::timeout(Duration::from_secs(10), answer(stream, &scraped)).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(error)) => warn!("metrics request failed: {error}"),
-                                Err(_) => warn!("metrics request timed out"),
-                            }
-                        };
-                        tokio::spawn(answer.in_current_span());
-                    }
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    Err(error) => {
-                        warn!("metrics server cannot accept a connection: {error}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-            }
-        }
-    });
-}
-
-/// Answers one HTTP/1.x request and closes the connection.
-async fn answer(mut stream: tokio::net::TcpStream, scraped: &Scraped) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(512);
-    let mut buffer = [0u8; 2048];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buffer).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        request.extend_from_slice(&buffer[..n]);
-        if request.len() > 64 * 1024 {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "").await;
-        }
-    }
-    let line = String::from_utf8_lossy(request.split(|&b| b == b'\r').next().unwrap_or_default()).into_owned();
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/metrics") => {
-            let text = scraped.render();
-            respond(&mut stream, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &text).await
-        }
-        ("GET", "/") => {
-            let text = format!("trainer rank {}: metrics at /metrics\n", scraped.rank);
-            respond(&mut stream, "200 OK", "text/plain; charset=utf-8", &text).await
-        }
-        ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "not found; metrics are at /metrics\n").await,
-        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "only GET\n").await,
-    }
-}
-
-async fn respond(
-    stream: &mut tokio::net::TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::{CollectiveObserver, GroupKind};
     use crate::timing::{Phase, PhaseSeconds};
     use std::io::{Read, Write};
+    use std::time::Duration;
 
-    const TINY: &str = include_str!("../../configs/tiny.toml");
+    const TINY: &str = include_str!("../../../configs/tiny.toml");
 
     fn config(overrides: &[&str]) -> Config {
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
@@ -612,7 +321,7 @@ mod tests {
     #[test]
     fn exposition_has_every_metric_with_rank_labels() {
         let topology = Topology::new(3, 4, 1, 2);
-        let metrics = Metrics::new(&config(&["metrics.run_id=\"r1\""]), &topology).unwrap();
+        let metrics = Metrics::new(&config(&["metrics.run_id=\"r1\""]), &topology, Device::Cpu).unwrap();
         let mut step = record(7, Some(4.25), [0.1, 0.2, 0.3, 0.05, 0.02]);
         step.mfu = metrics.mfu(step.step_seconds);
         metrics.record_step(&step);
@@ -669,7 +378,7 @@ mod tests {
         let port = free_port();
         let config = config(&["metrics.enabled=true", &format!("metrics.port={port}")]);
         let comm = Comm::single();
-        let metrics = Metrics::start(&config, &comm).unwrap();
+        let metrics = Metrics::start(&config, &comm, Device::Cpu).unwrap();
         metrics.record_step(&record(1, None, [0.0; 5]));
         let address = metrics.address().unwrap();
         assert_eq!(address.port(), port);
@@ -684,11 +393,32 @@ mod tests {
     }
 
     #[test]
+    fn other_requests_are_answered_and_a_stalled_client_does_not_hold_up_the_stop() {
+        let port = free_port();
+        let config = config(&["metrics.enabled=true", &format!("metrics.port={port}")]);
+        let metrics = Metrics::start(&config, &Comm::single(), Device::Cpu).unwrap();
+        let address = metrics.address().unwrap();
+        // Accepted first, so it is being served when the server stops; its request never ends.
+        let mut stalled = std::net::TcpStream::connect(address).unwrap();
+        write!(stalled, "GET /metrics HTTP/1.1\r\n").unwrap();
+        let index = get(address, "/");
+        assert!(index.starts_with("HTTP/1.1 200 OK\r\n") && index.ends_with("trainer rank 0: metrics at /metrics\n"));
+        let mut post = std::net::TcpStream::connect(address).unwrap();
+        write!(post, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let mut response = String::new();
+        post.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 405") && response.ends_with("only GET\n"), "{response}");
+        let stopping = std::time::Instant::now();
+        drop(metrics);
+        assert!(stopping.elapsed() < Duration::from_secs(5), "the stop took {:?}", stopping.elapsed());
+    }
+
+    #[test]
     fn a_port_in_use_is_refused_naming_port_and_key() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = taken.local_addr().unwrap().port();
         let config = config(&["metrics.enabled=true", &format!("metrics.port={port}")]);
-        let error = format!("{:#}", Metrics::start(&config, &Comm::single()).unwrap_err());
+        let error = format!("{:#}", Metrics::start(&config, &Comm::single(), Device::Cpu).unwrap_err());
         assert!(error.contains(&format!("127.0.0.1:{port}")) && error.contains("metrics.port"), "{error}");
     }
 
