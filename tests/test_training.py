@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, binary, run
 
+# The trainer's exit statuses (launcher/src/protocol.rs): an invalid configuration is not retried; other failures may be.
+INVALID_CONFIG, FAILED = 78, 1
+
 TINY = REPO / "configs" / "tiny.toml"
 
 
@@ -51,24 +54,26 @@ def test_same_seed_same_losses(fortunes_data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides, expected",
+    "overrides, expected, status",
     [
-        (["train.colour=1"], "unknown field `colour`"),
-        (["train.steps=\"ten\""], "key `train.steps`: invalid type: string \"ten\""),
-        (["model.n_heads=6"], "model.n_heads = 6 must divide model.dim = 256"),
-        (["optim.lr=-1e-3"], "optim.lr = -0.001 must be a positive number"),
-        (["train.steps=0"], "train.steps = 0 must be > 0"),
-        (["data.path=/nonexistent/data"], "/nonexistent/data"),
-        (["model.vocab_size=1000"], "raise model.vocab_size to at least 4096"),
-        (["train.threads=100000"], "invalid config train.threads = 100000: this machine has"),
-        (["model.dim=1000000000"], "parameters (model.dim = 1000000000"),
-        (["parallel.collective_timeout_s=1e300"], "parallel.collective_timeout_s = 1e300 is more than"),
-        (["model.dim=32768", "model.n_heads=256", "model.n_layers=64"], "GiB (1 on this node; `trainer plan`"),
+        (["train.colour=1"], "unknown field `colour`", INVALID_CONFIG),
+        (["train.steps=\"ten\""], "key `train.steps`: invalid type: string \"ten\"", INVALID_CONFIG),
+        (["model.n_heads=6"], "model.n_heads = 6 must divide model.dim = 256", INVALID_CONFIG),
+        (["optim.lr=-1e-3"], "optim.lr = -0.001 must be a positive number", INVALID_CONFIG),
+        (["train.steps=0"], "train.steps = 0 must be > 0", INVALID_CONFIG),
+        (["data.path=/nonexistent/data"], "/nonexistent/data", FAILED),
+        (["model.vocab_size=1000"], "raise model.vocab_size to at least 4096", INVALID_CONFIG),
+        (["train.threads=100000"], "invalid config train.threads = 100000: this machine has", INVALID_CONFIG),
+        (["model.dim=1000000000"], "parameters (model.dim = 1000000000", INVALID_CONFIG),
+        (["parallel.collective_timeout_s=1e300"], "parallel.collective_timeout_s = 1e300 is more than", INVALID_CONFIG),
+        (["model.dim=32768", "model.n_heads=256", "model.n_layers=64"], "GiB (1 on this node; `trainer plan`", INVALID_CONFIG),
     ],
 )
-def test_bad_config_is_refused_clearly(fortunes_data, tmp_path, overrides, expected):
+def test_bad_config_is_refused_clearly(fortunes_data, tmp_path, overrides, expected, status):
+    """Refused with a message naming key, value and rule, and with the status that says whether a restart can help:
+    a missing data directory may appear (a file system coming back), an invalid value cannot change."""
     result = train(fortunes_data, tmp_path, *overrides, check=False)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == status, result.stderr
     assert expected in result.stderr, result.stderr
     assert "panicked" not in result.stderr and "RUST_BACKTRACE" not in result.stderr
 
@@ -77,10 +82,31 @@ def test_unreadable_toml_is_refused_clearly(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[model\ndim = 3\n")
     result = run(binary("trainer"), "train", "--config", bad, check=False)
-    assert result.returncode == 1
+    assert result.returncode == INVALID_CONFIG
     assert f"invalid config {bad}" in result.stderr and "not valid TOML" in result.stderr, result.stderr
     missing = run(binary("trainer"), "train", "--config", tmp_path / "absent.toml", check=False)
-    assert missing.returncode == 1 and "cannot read config file" in missing.stderr
+    assert missing.returncode == INVALID_CONFIG and "cannot read config file" in missing.stderr
+
+
+def test_a_model_and_a_data_path_are_a_whole_config(fortunes_data, tmp_path):
+    """Every other key has a default; `--print-config` shows them all, resolved for this world, and that text is
+    itself a config that runs (here and under the launcher, where the default global batch follows the ranks)."""
+    import tomllib
+
+    config = tmp_path / "small.toml"
+    config.write_text("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nffn_dim = 176\nvocab_size = 4096\n"
+                      f"max_seq_len = 64\n\n[data]\npath = \"{fortunes_data}\"\n")
+    resolved = tomllib.loads(run(binary("trainer"), "train", "--config", config, "--print-config").stdout)
+    train_section, optim = resolved["train"], resolved["optim"]
+    assert (train_section["seq_len"], train_section["global_batch"], train_section["micro_batch"]) == (64, 1, 1)
+    assert train_section["run_dir"] == "runs/small" and train_section["device"] == "cpu"
+    assert optim["min_lr"] == pytest.approx(optim["lr"] / 10) and resolved["parallel"]["zero"] is True
+    assert train_section["preempt_signals"] == ["SIGTERM", "SIGUSR1"]
+    run_dir = tmp_path / "run"
+    run(binary("trainer"), "train", "--config", config, "--set", "train.steps=3", "--set", f"train.run_dir={run_dir}")
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3]
+    printed = run(binary("launcher"), "run", "--nproc", 2, "--", "train", "--config", config, "--print-config").stdout
+    assert "global_batch = 2" in printed, printed
 
 
 def test_llama_7b_parameter_count():
@@ -125,11 +151,11 @@ def test_a_diverged_run_stops_without_saving(fortunes_data, tmp_path):
 def test_resuming_past_the_schedule_is_refused(fortunes_data, tmp_path):
     train(fortunes_data, tmp_path, "train.steps=3", "train.eval_every=0", "train.sample_tokens=0")
     again = train(fortunes_data, tmp_path, "train.steps=3", "train.eval_every=0", check=False)
-    assert again.returncode == 1 and "the checkpoint resumed is at step 3, so nothing is left" in again.stderr
+    assert again.returncode == INVALID_CONFIG and "the checkpoint resumed is at step 3, so nothing is left" in again.stderr
     fewer = train(fortunes_data, tmp_path, "train.steps=2", "train.eval_every=0", check=False)
-    assert fewer.returncode == 1 and "invalid config train.steps = 2" in fewer.stderr, fewer.stderr
+    assert fewer.returncode == INVALID_CONFIG and "invalid config train.steps = 2" in fewer.stderr, fewer.stderr
     early = train(fortunes_data, tmp_path, "train.steps=6", "train.stop_at_step=2", check=False)
-    assert early.returncode == 1 and "train.stop_at_step = 2 is not after" in early.stderr, early.stderr
+    assert early.returncode == INVALID_CONFIG and "train.stop_at_step = 2 is not after" in early.stderr, early.stderr
     assert len(records(tmp_path)) == 3
 
 
@@ -153,7 +179,7 @@ def test_trains_on_a_megatron_indexed_dataset(tmp_path):
     assert history[0]["loss"] > 7.5, "random tokens over a 4096 vocabulary start near ln(4096)"
     result = train(tmp_path / "missing_prefix", tmp_path / "r2", "data.format=megatron", "train.eval_every=0",
                    "train.sample_tokens=0", check=False)
-    assert result.returncode == 1 and "invalid config data.path" in result.stderr, result.stderr
+    assert result.returncode == FAILED and "cannot read data.path" in result.stderr, result.stderr
 
 
 def test_gpu_check_runs_its_pipeline_from_a_bundle_on_cpu(fortunes_data, tmp_path):

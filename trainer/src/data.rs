@@ -1,7 +1,7 @@
 //! The training loop's data: the configured token dataset as batches of windows, this rank's share, and the fixed validation set.
-use crate::config::{Config, DataFormat};
+use crate::config::{invalid_config, Config, DataFormat};
 use crate::torch_ext;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use data_shards::{DataCursor, RankLoader, Split, TokenDataset, WindowSampler};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,18 +39,21 @@ impl TrainData {
             ),
             DataFormat::Megatron => {
                 if config.train.eval_every > 0 {
-                    bail!("data.format = \"megatron\" has no validation split: set train.eval_every = 0");
+                    return Err(invalid_config(
+                        "data.format = \"megatron\" has no validation split: set train.eval_every = 0",
+                    ));
                 }
                 (TokenDataset::open_megatron(path)?, None)
             }
         };
         if let Some(vocab) = train.vocab_size() {
             if i64::from(vocab) > config.model.vocab_size {
-                bail!(
-                    "the tokenizer of {} has {vocab} tokens but model.vocab_size = {}; raise model.vocab_size to at least {vocab}",
-                    path.display(),
-                    config.model.vocab_size
-                );
+                return Err(invalid_config(format!(
+                    "model.vocab_size = {}: the tokenizer of {} has {vocab} tokens; raise model.vocab_size to at \
+                     least {vocab}",
+                    config.model.vocab_size,
+                    path.display()
+                )));
             }
         }
         let tokenizer_path = train.tokenizer_path();
@@ -124,11 +127,4 @@ impl TrainData {
         }
         Tensor::from_slice(&all).view([-1, self.window]).to_device(self.device).split(micro_batch, 0)
     }
-}
-
-/// Loads the tokenizer that the data was prepared with.
-pub fn load_tokenizer(path: &std::path::Path) -> Result<tokenizers::Tokenizer> {
-    tokenizers::Tokenizer::from_file(path)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("cannot load tokenizer {}", path.display()))
 }

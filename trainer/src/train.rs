@@ -2,7 +2,7 @@
 use crate::checkpoint::{check_same_model, load_optimizer, load_params, Checkpointer, Reader, SaveReport, SaveStatus};
 use crate::comm::{wait_all, Comm, GroupKind, Topology};
 use crate::config::{invalid_config, Config, InvalidConfig, TrainConfig};
-use crate::data::{load_tokenizer, TrainData};
+use crate::data::TrainData;
 use crate::engine::Engine;
 use crate::hf;
 use crate::memory::PeakMemory;
@@ -17,7 +17,7 @@ use crate::step_sync::{StepScalars, StepTotals, SyncCounter};
 use crate::timing::{lap, reset_phases, take_phases, Phase};
 use crate::zero::DistOptimizer;
 use anyhow::{bail, Context, Result};
-use data_shards::DataCursor;
+use data_shards::{load_tokenizer, DataCursor};
 use launcher::protocol;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -34,8 +34,17 @@ fn run(name: &str, work: &Path, overrides: &[&str]) -> Output {
 type Damage = fn(&mut serde_json::Value);
 
 fn assert_refused(output: &Output, expected: &str) {
+    assert_refused_with(output, 1, expected);
+}
+
+/// Refused as an invalid configuration: the status that tells the launcher not to retry.
+fn assert_refused_config(output: &Output, expected: &str) {
+    assert_refused_with(output, launcher::protocol::INVALID_CONFIG.into(), expected);
+}
+
+fn assert_refused_with(output: &Output, status: i32, expected: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(output.status.code(), Some(status), "{stderr}");
     assert!(stderr.contains(expected), "expected {expected:?} in {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
@@ -79,7 +88,7 @@ fn exports_replace_only_previous_exports() {
     // train.export_dir is checked before any step: the run directory itself is refused untouched.
     let export_dir = format!("train.export_dir={}", run_dir.display());
     let output = run("run", work.path(), &[&export_dir, "train.steps=8", "train.eval_every=0"]);
-    assert_refused(&output, "invalid config train.export_dir");
+    assert_refused_config(&output, "invalid config train.export_dir");
     assert_eq!(snapshot(&run_dir), before, "a refused run changed its run directory");
 }
 
@@ -117,7 +126,7 @@ fn a_missing_or_stale_latest_resumes_from_the_newest_complete_checkpoint() {
     }
     let before = snapshot(&run_dir);
     let output = run("run", work.path(), &["checkpoint.resume=false", "train.steps=6"]);
-    assert_refused(&output, "invalid config checkpoint.resume = false");
+    assert_refused_config(&output, "invalid config checkpoint.resume = false");
     assert_eq!(snapshot(&run_dir), before, "starting over touched the checkpoints");
 }
 
@@ -127,9 +136,9 @@ fn another_model_or_a_manifest_that_does_not_tile_its_tensors_is_refused() {
     let run_dir = finished_run(work.path());
     // Shapes that happen to fit the tensors of the checkpoint are still another model.
     let output = run("run", work.path(), &["model.n_layers=1", "train.steps=6"]);
-    assert_refused(&output, "model.n_layers = 2 in the checkpoint, 1 in this run");
+    assert_refused_config(&output, "model.n_layers = 2 in the checkpoint, 1 in this run");
     let output = run("run", work.path(), &["model.n_kv_heads=4", "train.steps=6"]);
-    assert_refused(&output, "model.n_kv_heads = 2 in the checkpoint, 4 in this run");
+    assert_refused_config(&output, "model.n_kv_heads = 2 in the checkpoint, 4 in this run");
 
     let step = run_dir.join("checkpoints/step-00000005");
     let manifest: serde_json::Value =
