@@ -35,6 +35,23 @@ def fortunes_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a Hugging Face directory (scripts/fetch-smollm2: fetched and converted
+    once, then cached outside the repo)."""
+    return Path(run(REPO / "scripts" / "fetch-smollm2").stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def fortunes_smollm2(tmp_path_factory, smollm2_dir) -> Path:
+    """Debian's fortunes tokenized with SmolLM2's own tokenizer."""
+    out = tmp_path_factory.mktemp("fortunes-smollm2") / "shards"
+    corpus = ["--input", FORTUNES, "--exclude", "*.dat", "--exclude", "*.u8", "--doc-separator", "%"]
+    run(binary("data-shards"), "prepare", *corpus, "--tokenizer", smollm2_dir / "tokenizer.json", "--output", out,
+        "--valid-fraction", 0.02)
+    return out
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -107,13 +107,20 @@ impl Engine {
 
     /// Backpropagates the scalar `objective` into `segment`'s parameter gradients and
     /// returns the gradient of its input leaf, if it has one, summed over the
-    /// tensor-parallel group.
+    /// tensor-parallel group. A tied head's gradient for the embedding matrix goes into the
+    /// embedding's segment (reduced last, after the embedding's own backward has added to it).
     fn backward_segment(&self, segment: usize, objective: &Tensor, input: Option<&Tensor>) -> Result<Option<Tensor>> {
         let leaves = self.params.segment_leaves(segment);
+        let tied_head = self.kinds[segment] == SegmentKind::Head && self.model.config().tie_word_embeddings;
         let mut wrt: Vec<&Tensor> = leaves.iter().collect();
+        wrt.extend(tied_head.then(|| self.model.head_weight()));
         wrt.extend(input);
         let mut grads = Tensor::run_backward(&[objective], &wrt, false, false);
         let input_grad = input.map(|_| grads.pop().expect("one grad per input"));
+        if tied_head {
+            let embedding_grad = grads.pop().expect("one grad for the tied head");
+            self.params.accumulate_grads(0, &[embedding_grad]);
+        }
         self.params.accumulate_grads(segment, &grads);
         input_grad.map(|g| self.tp_sum(&g)).transpose()
     }

@@ -8,14 +8,14 @@ use std::path::Path;
 
 /// Writes the trained model as a Hugging Face directory. Collective: every rank calls it;
 /// the first data-parallel replica gathers the weights and rank 0 writes them.
-pub fn from_engine(engine: &Engine, config: &Config, tokenizer: Option<&Path>, dir: &Path) -> Result<()> {
+pub fn from_engine(engine: &Engine, config: &Config, data_tokenizer: Option<&Path>, dir: &Path) -> Result<()> {
     let topology = engine.comm().topology;
     if topology.data.rank != 0 {
         return Ok(());
     }
     let weights = engine.hf_weights()?;
     if topology.rank == 0 {
-        hf::write_dir(&weights, config, tokenizer, dir)?;
+        hf::write_dir(&weights, config, &hf::tokenizer_files(config, data_tokenizer), dir)?;
     }
     Ok(())
 }
@@ -28,5 +28,5 @@ pub fn from_checkpoint(checkpoint: &Path, output: &Path) -> Result<()> {
         .with_context(|| format!("{}: the saved configuration is invalid", checkpoint.display()))?;
     let weights = reader.model_weights()?;
     let tokenizer = checkpoint.join("tokenizer.json");
-    hf::write_dir(&weights, &config, tokenizer.exists().then_some(tokenizer.as_path()), output)
+    hf::write_dir(&weights, &config, &hf::tokenizer_files(&config, Some(&tokenizer)), output)
 }

@@ -7,6 +7,7 @@ pub mod data;
 pub mod engine;
 pub mod export;
 pub mod hf;
+pub mod mapped;
 pub mod memory;
 pub mod metrics;
 pub mod model;

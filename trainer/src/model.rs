@@ -164,13 +164,11 @@ pub fn segment_specs(m: &ModelConfig, tp: TpShard) -> Vec<SegmentSpec> {
             ],
         });
     }
-    segments.push(SegmentSpec {
-        kind: SegmentKind::Head,
-        leaves: vec![
-            LeafSpec::norm("model.norm.weight".into(), d),
-            LeafSpec::matrix(&[("lm_head.weight".into(), m.vocab_size, std)], d, rows, tp),
-        ],
-    });
+    let mut head = vec![LeafSpec::norm("model.norm.weight".into(), d)];
+    if !m.tie_word_embeddings {
+        head.push(LeafSpec::matrix(&[("lm_head.weight".into(), m.vocab_size, std)], d, rows, tp));
+    }
+    segments.push(SegmentSpec { kind: SegmentKind::Head, leaves: head });
     segments
 }
 
@@ -234,7 +232,15 @@ impl Llama {
             SegmentKind::Embedding => self.embedding(input, &w[0]),
             SegmentKind::Attention(_) => self.attention(input, &w[0], &w[1], &w[2]),
             SegmentKind::Mlp(_) => self.mlp(input, &w[0], &w[1], &w[2]),
-            SegmentKind::Head => self.norm(input, &w[0]).linear(&w[1], None::<Tensor>),
+            SegmentKind::Head => self.norm(input, &w[0]).linear(self.head_weight(), None::<Tensor>),
+        }
+    }
+
+    /// The output head's matrix: its own, or the token embedding's when they are tied.
+    pub fn head_weight(&self) -> &Tensor {
+        match self.config.tie_word_embeddings {
+            true => &self.leaves[0][0],
+            false => &self.leaves[self.leaves.len() - 1][1],
         }
     }
 

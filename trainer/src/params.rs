@@ -3,9 +3,9 @@
 //! One contiguous buffer per role makes the optimizer step a handful of tensor ops, makes
 //! each segment's gradients one contiguous slice (one collective per segment later), and
 //! is what ZeRO shards. Autograd sees each trainable tensor as a leaf view of the buffer.
+use crate::hf::HfWeights;
 use crate::model::{HfPiece, Init, LeafSpec, SegmentSpec};
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
 use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
@@ -211,24 +211,21 @@ impl FlatParams {
         self.pieces(&self.grads)
     }
 
-    /// Copies this rank's part of global Hugging Face tensors into the buffers; every
-    /// tensor must be present with its global shape.
-    pub fn load_hf(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        tch::no_grad(|| {
-            for (piece, mut target) in self.pieces(&self.values) {
-                let source = tensors.get(&piece.name).with_context(|| format!("tensor {} is missing", piece.name))?;
-                if source.size() != piece.global_shape {
-                    bail!(
-                        "tensor {} has shape {:?}, the model needs {:?}",
-                        piece.name,
-                        source.size(),
-                        piece.global_shape
-                    );
-                }
-                target.copy_(&piece.local_part(source));
+    /// Copies this rank's part of every Hugging Face tensor out of `weights` into the buffers
+    /// (reading only that part); every tensor must be present with its global shape.
+    pub fn load_hf(&self, weights: &HfWeights) -> Result<()> {
+        for (piece, target) in self.pieces(&self.values) {
+            let shape = weights.shape(&piece.name).with_context(|| format!("tensor {} is missing", piece.name))?;
+            if shape != piece.global_shape.as_slice() {
+                bail!("tensor {} has shape {shape:?}, the model needs {:?}", piece.name, piece.global_shape);
             }
-            Ok(())
-        })
+            let mut start = vec![0; shape.len()];
+            if let Some((dim, offset)) = piece.split {
+                start[dim] = offset;
+            }
+            weights.copy_box(&piece.name, &start, &target)?;
+        }
+        Ok(())
     }
 
     /// The boxes of global tensors held by the flat elements `range` (at most three per
@@ -315,6 +312,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::model::{segment_specs, TpShard};
+    use std::collections::HashMap;
 
     #[test]
     fn element_boxes_cover_exactly_the_range() {

@@ -322,7 +322,9 @@ fn starting_state(config: &Config, engine: &mut Engine, metrics: &Metrics) -> Re
     };
     let Some(dir) = resume else {
         if let Some(hf_dir) = &c.init_from_hf {
-            let weights = hf::load_weights(&hf_dir.join("model.safetensors"))?;
+            crate::config::check_model_config(hf_dir, &config.model)
+                .context(InvalidConfig("checkpoint.init_from_hf".into()))?;
+            let weights = hf::HfWeights::open(hf_dir)?;
             engine.params.load_hf(&weights).with_context(|| format!("cannot start from {}", hf_dir.display()))?;
         }
         let optimizer = DistOptimizer::new(comm, &engine.params, &config.optim, config.parallel.zero);

@@ -26,7 +26,7 @@ fn check_against_transformers(overrides: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), hf::config_json(&config.model, "float32").to_string()).unwrap();
     let weights = engine.hf_weights().unwrap();
-    hf::save_weights(&weights, &dir.path().join("model.safetensors")).unwrap();
+    Tensor::write_safetensors(&weights, dir.path().join("model.safetensors")).unwrap();
     tch::manual_seed(7);
     let (batch, seq) = (2, 48);
     let tokens = Tensor::randint(config.model.vocab_size, [batch, seq + 1], (Kind::Int64, tch::Device::Cpu));
@@ -39,7 +39,8 @@ fn check_against_transformers(overrides: &[&str]) {
         .status()
         .unwrap_or_else(|e| panic!("cannot run {} ({e}); run scripts/setup first", python.display()));
     assert!(status.success(), "the transformers reference failed");
-    let reference = hf::load_weights(&dir.path().join("reference.safetensors")).unwrap();
+    let reference: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.path().join("reference.safetensors")).unwrap().into_iter().collect();
 
     let logits = engine.logits(&tokens.narrow(1, 0, seq)).unwrap();
     let logits_diff = (&logits - &reference["logits"]).abs().max().double_value(&[]);
@@ -73,4 +74,10 @@ fn tiny_preset_matches_transformers() {
 #[test]
 fn grouped_query_attention_matches_transformers() {
     check_against_transformers(&["model.n_kv_heads=2", "model.n_layers=2"]);
+}
+
+#[test]
+fn tied_embeddings_match_transformers() {
+    // One matrix is both the embedding and the head: its gradient is the sum of both uses.
+    check_against_transformers(&["model.tie_word_embeddings=true", "model.n_layers=2"]);
 }

@@ -1,28 +1,20 @@
 //! Loading under any layout: a rank memory-maps the pieces and reads the intersections of its regions with them.
 use super::format::{kind_of, region_view, Manifest, Piece};
 use crate::config::{invalid_config, Config};
+use crate::mapped::MappedSafetensors;
 use crate::params::FlatParams;
 use crate::zero::DistOptimizer;
 use anyhow::{bail, Context, Result};
 use data_shards::format::checksum_hex;
-use safetensors::SafeTensors;
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
-
-/// A checkpoint file, memory-mapped, with its safetensors header parsed once.
-struct MappedFile {
-    map: memmap2::Mmap,
-    /// Byte range of each stored piece within the file.
-    pieces: HashMap<String, std::ops::Range<usize>>,
-}
 
 /// Reads, for one loading rank, boxes of global tensors out of a checkpoint's pieces.
 pub struct Reader {
     dir: PathBuf,
     manifest: Manifest,
-    files: HashMap<String, MappedFile>,
+    files: HashMap<String, MappedSafetensors>,
     verified: HashSet<(String, String)>,
     bytes_read: u64,
 }
@@ -52,23 +44,12 @@ impl Reader {
         self.bytes_read
     }
 
-    fn file(&mut self, name: &str) -> Result<&MappedFile> {
+    fn file(&mut self, name: &str) -> Result<&MappedSafetensors> {
         if !self.files.contains_key(name) {
             let path = self.dir.join(name);
-            let file = File::open(&path)
-                .with_context(|| format!("checkpoint file {} is missing (named by the manifest)", path.display()))?;
-            // SAFETY: checkpoint files are never modified after they are published; the map
-            // is read-only and every piece's bytes are checksummed before use.
-            let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-            let (header, metadata) = SafeTensors::read_metadata(&map)
-                .with_context(|| format!("checkpoint file {} is truncated or corrupt", path.display()))?;
-            let data_start = 8 + header;
-            let pieces = metadata
-                .tensors()
-                .into_iter()
-                .map(|(key, info)| (key, data_start + info.data_offsets.0..data_start + info.data_offsets.1))
-                .collect();
-            self.files.insert(name.to_string(), MappedFile { map, pieces });
+            let file = MappedSafetensors::open(&path)
+                .with_context(|| format!("checkpoint file {} is missing, truncated or corrupt", path.display()))?;
+            self.files.insert(name.to_string(), file);
         }
         Ok(&self.files[name])
     }
@@ -100,14 +81,14 @@ impl Reader {
             if start.iter().zip(&end).any(|(s, e)| s >= e) {
                 continue;
             }
-            let source = self.piece_tensor(piece, kind, name)?;
-            let (mut src, mut dst) = (source, target.shallow_clone());
+            let file = self.verified_piece(piece, kind, name)?;
+            let mut dst = target.shallow_clone();
             for d in 0..size.len() {
-                src = src.narrow(d as i64, start[d] - piece.offset[d], end[d] - start[d]);
                 dst = dst.narrow(d as i64, start[d] - offset[d], end[d] - start[d]);
             }
-            covered += src.numel() as i64;
-            dst.copy_(&src);
+            let within: Vec<i64> = (0..size.len()).map(|d| start[d] - piece.offset[d]).collect();
+            file.copy_box(&piece.key, &within, &dst)?;
+            covered += dst.numel() as i64;
         }
         if covered != target.numel() as i64 {
             bail!("checkpoint {}: the pieces of {name} do not cover the part this rank needs", self.dir.display());
@@ -133,21 +114,20 @@ impl Reader {
         Ok(weights)
     }
 
-    /// A piece as a CPU tensor over the mapped file (no copy), its bytes checked against the
-    /// manifest's checksum the first time. The tensor must not outlive the reader.
-    fn piece_tensor(&mut self, piece: &Piece, kind: Kind, name: &str) -> Result<Tensor> {
+    /// The mapped file holding `piece`, after checking the piece's dtype and shape against the
+    /// manifest and, the first time, its bytes against the manifest's checksum.
+    fn verified_piece(&mut self, piece: &Piece, kind: Kind, name: &str) -> Result<&MappedSafetensors> {
         let id = (piece.file.clone(), piece.key.clone());
         let verify = !self.verified.contains(&id);
         let path = self.dir.join(&piece.file);
         let file = self.file(&piece.file)?;
-        let range = file
-            .pieces
-            .get(&piece.key)
-            .cloned()
+        let bytes = file
+            .bytes(&piece.key)
             .with_context(|| format!("checkpoint file {} lacks piece {} of {name}", path.display(), piece.key))?;
-        let bytes = &file.map[range];
         let numel: i64 = piece.shape.iter().product();
-        if bytes.len() != numel as usize * kind.elt_size_in_bytes() {
+        if file.shape(&piece.key) != Some(piece.shape.as_slice())
+            || bytes.len() != numel as usize * kind.elt_size_in_bytes()
+        {
             bail!("checkpoint file {}: piece {} of {name} has the wrong size", path.display(), piece.key);
         }
         if verify {
@@ -159,17 +139,10 @@ impl Reader {
                     piece.xxh3_128
                 );
             }
-        }
-        let (pointer, length) = (bytes.as_ptr(), bytes.len());
-        if verify {
-            self.bytes_read += length as u64;
+            self.bytes_read += bytes.len() as u64;
             self.verified.insert(id);
         }
-        let strides: Vec<i64> = (0..piece.shape.len()).map(|d| piece.shape[d + 1..].iter().product()).collect();
-        // SAFETY: `pointer` holds `numel` elements of `kind` (checked above) in a read-only map
-        // owned by this reader; the tensor is only read (copied out of) while the reader,
-        // and so the map, is alive: `read_box` drops it before returning.
-        Ok(unsafe { Tensor::from_blob(pointer, &piece.shape, &strides, kind, tch::Device::Cpu) })
+        Ok(&self.files[&piece.file])
     }
 }
 

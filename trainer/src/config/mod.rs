@@ -1,9 +1,11 @@
 //! The run configuration: one typed tree read from TOML with defaults, dotted overrides, and validation with errors that name key, value and rule.
+mod from_hf;
 mod model;
 mod rules;
 mod sections;
 mod train;
 
+pub use from_hf::{check_model_config, read_model_config};
 pub use model::ModelConfig;
 pub use rules::{invalid_config, InvalidConfig};
 pub use sections::{CheckpointConfig, DataConfig, DataFormat, MetricsConfig, OptimConfig, ParallelConfig};
@@ -54,6 +56,7 @@ impl Config {
         for item in overrides {
             apply_override(&mut tree, item)?;
         }
+        fill_model_from_hf(&mut tree)?;
         fill_derived_defaults(&mut tree, name);
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
             .map_err(|e| anyhow::anyhow!("key `{}`: {}", e.path(), e.inner()))?;
@@ -137,6 +140,28 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// A run that starts from a Hugging Face model (`checkpoint.init_from_hf`) takes the keys of
+/// `[model]` it does not set from the model's `config.json` (only read when a shape key is
+/// missing: a resolved config never reads it again); the keys it does set are checked against
+/// `config.json` when the weights are loaded.
+fn fill_model_from_hf(tree: &mut toml::Table) -> Result<()> {
+    const SHAPE: [&str; 6] = ["dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "max_seq_len"];
+    let source = tree.get("checkpoint").and_then(|c| c.get("init_from_hf")).and_then(toml::Value::as_str);
+    let Some(dir) = source.map(PathBuf::from) else { return Ok(()) };
+    let model = tree.entry("model").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(model) = model.as_table_mut().filter(|m| SHAPE.iter().any(|key| !m.contains_key(*key))) else {
+        return Ok(());
+    };
+    let from_hf = read_model_config(&dir).context("checkpoint.init_from_hf")?;
+    let toml::Value::Table(from_hf) = toml::Value::try_from(from_hf).context("a model section serializes")? else {
+        bail!("a model section serializes to a table");
+    };
+    for (key, value) in from_hf {
+        model.entry(key).or_insert(value);
+    }
+    Ok(())
 }
 
 /// Fills the defaults that follow from other keys into the TOML tree, before it is typed:

@@ -23,6 +23,10 @@ pub struct ModelConfig {
     /// further scaled by 1/sqrt(2 * n_layers).
     #[serde(default = "default_init_std")]
     pub init_std: f64,
+    /// The output head is the token embedding (one tensor, `model.embed_tokens.weight`), as in
+    /// SmolLM2 and Gemma; under tensor parallelism both are split by vocabulary rows alike.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
 }
 
 fn default_rope_theta() -> f64 {
@@ -55,7 +59,8 @@ impl ModelConfig {
         let attention = d * d + 2 * kv * d + d * d;
         let mlp = 3 * d * f;
         let norms = 2 * d;
-        2 * v * d + layers * (attention + mlp + norms) + d
+        let vocabulary_matrices = if self.tie_word_embeddings { 1 } else { 2 };
+        vocabulary_matrices * v * d + layers * (attention + mlp + norms) + d
     }
 
     /// Checks that `tp` tensor-parallel ranks can split the model: heads, KV heads, FFN and
@@ -78,7 +83,10 @@ impl ModelConfig {
     /// PaLM's 6N + attention estimate, used for MFU.
     pub fn train_flops_per_token(&self, seq_len: i64) -> f64 {
         let attention = 12 * self.n_layers * self.dim * seq_len;
-        (6 * (self.num_params() - self.vocab_size * self.dim) + attention) as f64
+        // Every parameter but the embedding lookup's is one multiply-add per token; a tied
+        // head's matrix is still multiplied.
+        let lookup = if self.tie_word_embeddings { 0 } else { self.vocab_size * self.dim };
+        (6 * (self.num_params() - lookup) + attention) as f64
     }
 
     /// Checks the shape: positive sizes, heads that divide the width, sizes far from overflow.
