@@ -47,8 +47,11 @@ impl Reader {
     fn file(&mut self, name: &str) -> Result<&MappedSafetensors> {
         if !self.files.contains_key(name) {
             let path = self.dir.join(name);
+            if !path.exists() {
+                bail!("checkpoint file {} is missing (named by the manifest)", path.display());
+            }
             let file = MappedSafetensors::open(&path)
-                .with_context(|| format!("checkpoint file {} is missing, truncated or corrupt", path.display()))?;
+                .with_context(|| format!("checkpoint file {} is truncated or corrupt", path.display()))?;
             self.files.insert(name.to_string(), file);
         }
         Ok(&self.files[name])
