@@ -136,13 +136,18 @@ impl Engine {
     }
 
     /// Sum of the token cross-entropies, differentiable with respect to this rank's logits.
-    /// Under tensor parallelism each rank holds a slice of the vocabulary and the logits
-    /// are never gathered: the max, the sum of exponentials and the target logit are
-    /// reduced over the group, entering the graph as `local + (global - local).detach()`
-    /// so the gradient flows into the local logits exactly.
     fn loss_sum(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(self.token_losses(logits, targets)?.sum(None))
+    }
+
+    /// The cross-entropy of each token, [batch, seq], differentiable with respect to this
+    /// rank's logits. Under tensor parallelism each rank holds a slice of the vocabulary and the
+    /// logits are never gathered: the max, the sum of exponentials and the target logit are
+    /// reduced over the group, entering the graph as `local + (global - local).detach()` so
+    /// the gradient flows into the local logits exactly.
+    pub fn token_losses(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         if self.comm.topology.tensor.size == 1 {
-            return Ok(Llama::loss_sum(logits, targets));
+            return Ok(Llama::token_losses(logits, targets));
         }
         let logits = if logits.kind() == Kind::BFloat16 { logits.to_kind(Kind::Float) } else { logits.shallow_clone() };
         let (start, size) = self.model.vocab_slice();
@@ -158,7 +163,7 @@ impl Engine {
             .masked_fill(&outside, 0.0);
         let sum_exp = self.with_tp_total(&local_sum_exp)?;
         let target_logit = self.with_tp_total(&target_logit)?;
-        Ok((sum_exp.log() - target_logit).sum(None))
+        Ok(sum_exp.log() - target_logit)
     }
 
     /// `local` with the value of its sum over the tensor-parallel group and the gradient of `local`.

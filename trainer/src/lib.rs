@@ -5,6 +5,7 @@ pub mod config;
 pub mod cuda;
 pub mod data;
 pub mod engine;
+pub mod eval;
 pub mod export;
 pub mod hf;
 pub mod mapped;

@@ -244,13 +244,15 @@ impl Llama {
         }
     }
 
-    /// Sum of the token cross-entropies of `logits` [batch, seq, vocab] against `targets` [batch, seq].
-    pub fn loss_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
+    /// The cross-entropy of each token, [batch, seq], of `logits` [batch, seq, vocab] against
+    /// `targets` [batch, seq].
+    pub fn token_losses(logits: &Tensor, targets: &Tensor) -> Tensor {
         let vocab = logits.size()[2];
-        let logits = logits.view([-1, vocab]);
+        let flat = logits.view([-1, vocab]);
         // Half-precision logits are upcast; f32 and f64 stay as they are.
-        let logits = if logits.kind() == Kind::BFloat16 { logits.to_kind(Kind::Float) } else { logits };
-        logits.cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, Reduction::Sum, -100, 0.0)
+        let flat = if flat.kind() == Kind::BFloat16 { flat.to_kind(Kind::Float) } else { flat };
+        flat.cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, Reduction::None, -100, 0.0)
+            .view_as(targets)
     }
 
     /// Vocabulary-parallel lookup: rows of tokens outside this rank's slice are zero.
