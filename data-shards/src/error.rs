@@ -26,6 +26,9 @@ pub enum DataError {
     #[error("input {}: line {line}: {message}; fix the line or choose the right --jsonl-field", path.display())]
     Jsonl { path: PathBuf, line: u64, message: String },
 
+    #[error("chat template {}: {message}", path.display())]
+    ChatTemplate { path: PathBuf, message: String },
+
     #[error("tokenizer {}: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
 

@@ -1,5 +1,6 @@
 //! Tokenized training data: prepare a corpus into checksummed shards and read them back as training windows (format: docs/DATA_FORMAT.md).
 
+pub mod chat_template;
 pub mod corpus;
 pub mod dataset;
 pub mod doc_tokens;
@@ -12,6 +13,7 @@ pub mod stream;
 pub mod tokenize;
 pub mod writer;
 
+pub use chat_template::{ChatTemplate, Message};
 pub use corpus::CorpusOptions;
 pub use dataset::TokenDataset;
 pub use error::DataError;
