@@ -196,3 +196,136 @@ def test_megatron_indexed_dataset_round_trip(tmp_path, dtype):
     assert info["num_tokens"] == sum(map(len, docs))
     assert info["dtype"] == {"int32": "i32", "uint16": "u16"}[dtype]
     assert "ok: megatron dataset" in run("verify", "--megatron", prefix)
+
+
+# Fine-tuning data: the real SmolLM2-135M-Instruct chat template and tokenizer against transformers.
+
+CONVERSATIONS = [
+    # No system message: the template adds SmolLM2's default one.
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help you today?"}],
+    # A system message and several turns.
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And times 3?"},
+        {"role": "assistant", "content": "12, since (2+2)*3 = 12."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You're welcome."},
+    ],
+    # Unicode, newlines and tabs inside the contents.
+    [
+        {"role": "user", "content": "Ünïcödé «quotes» 🦀 日本語?\nSecond line\twith a tab"},
+        {"role": "assistant", "content": "Sí — 日本語 🦀\n\nDone.\n"},
+    ],
+    # Contents that start and end with whitespace: a token may straddle the assistant header.
+    [
+        {"role": "user", "content": "  indented question  "},
+        {"role": "assistant", "content": "\n  def f():\n\treturn 1\n"},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": " Fine "},
+    ],
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted SmolLM2-135M-Instruct directory (scripts/fetch-smollm2 caches it)."""
+    res = subprocess.run([str(REPO / "scripts" / "fetch-smollm2")], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.fail(f"scripts/fetch-smollm2 failed:\n{res.stderr}")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+def write_chats(path, conversations):
+    path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations))
+    return path
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_chat_template_renders_as_transformers(smollm2_dir, smollm2_tokenizer, tmp_path, add_generation_prompt):
+    chats = write_chats(tmp_path / "chats.jsonl", CONVERSATIONS)
+    args = ["render-chat", "--model-dir", smollm2_dir, "--input", chats]
+    out = run(*args, *(["--add-generation-prompt"] if add_generation_prompt else []))
+    rendered = [json.loads(line) for line in out.splitlines()]
+    expected = [
+        smollm2_tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
+        for c in CONVERSATIONS
+    ]
+    assert rendered == expected
+    assert rendered[0].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def expected_mask(tokenizer, conversation, text):
+    """1 on the tokens that overlap an assistant content plus the <|im_end|> after it, found by searching the
+    rendered text (independently of how data-shards finds them)."""
+    spans, at = [], 0
+    for m in conversation:
+        header = f"<|im_start|>{m['role']}\n"
+        at = text.index(header + m["content"] + "<|im_end|>", at) + len(header)
+        end = at + len(m["content"]) + len("<|im_end|>")
+        if m["role"] == "assistant":
+            spans.append((at, end))
+        at = end
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
+
+
+def test_chat_shards_hold_transformers_tokens_and_mask_only_assistant_turns(smollm2_dir, smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    chats = write_chats(tmp_path / "chats.jsonl", CONVERSATIONS)
+    out = tmp_path / "sft"
+    run("prepare", "--format", "chat", "--model-dir", smollm2_dir, "--input", chats, "--output", out,
+        "--valid-fraction", "0")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["eos_token"] == "<|im_end|>"
+    assert manifest["eos_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+    docs = [json.loads(line) for line in run("dump-docs", out, "--mask").splitlines()]
+    assert len(docs) == len(CONVERSATIONS)
+    trained = 0
+    for conversation, doc in zip(CONVERSATIONS, docs):
+        ids = tok.apply_chat_template(conversation, tokenize=True, return_dict=False)
+        assert doc["tokens"] == ids
+        text = tok.apply_chat_template(conversation, tokenize=False)
+        assert doc["loss_mask"] == expected_mask(tok, conversation, text)
+        trained += sum(doc["loss_mask"])
+        if not any(m["content"][:1].isspace() for m in conversation):
+            # No token straddles a turn's start: the masked runs are exactly the assistant contents + <|im_end|>.
+            runs, run_ids = [], []
+            for t, m in zip(doc["tokens"] + [None], doc["loss_mask"] + [0]):
+                if m:
+                    run_ids.append(t)
+                elif run_ids:
+                    runs.append(tok.decode(run_ids))
+                    run_ids = []
+            assert runs == [m["content"] + "<|im_end|>" for m in conversation if m["role"] == "assistant"]
+    assert manifest["splits"]["train"]["num_loss_tokens"] == trained
+    assert "ok: train split" in run("verify", out)
+
+    # The shard file itself, parsed as docs/DATA_FORMAT.md describes version 2: the mask bits follow the table.
+    shard = manifest["splits"]["train"]["shards"][0]
+    raw = (out / shard["file"]).read_bytes()
+    magic, version, code, n_tok, n_doc = struct.unpack_from("<8sIIQQ", raw, 0)
+    assert (magic, version, code) == (b"LLMSHRD\x00", 2, 1)
+    mask_at = 64 + 2 * n_tok + 8 * n_doc
+    assert len(raw) == mask_at + (n_tok + 7) // 8
+    bits = np.unpackbits(np.frombuffer(raw, np.uint8, offset=mask_at), bitorder="little")[:n_tok]
+    assert bits.tolist() == [m for d in docs for m in d["loss_mask"]]
+
+
+def test_chat_that_the_template_cannot_split_is_refused(smollm2_dir, tmp_path):
+    # An assistant turn first: SmolLM2's template puts its default system prompt in front of the conversation,
+    # but not in front of the generation prompt of the empty prefix, so that prefix does not start the rendering.
+    chats = write_chats(tmp_path / "chats.jsonl", [CONVERSATIONS[0], [{"role": "assistant", "content": "Hi"}]])
+    res = subprocess.run([str(BIN), "prepare", "--format", "chat", "--model-dir", str(smollm2_dir), "--input",
+                          str(chats), "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    assert res.returncode == 1
+    assert f"{chats}: line 2:" in res.stderr and "assistant message 0 cannot be told apart" in res.stderr
+    assert not (tmp_path / "out").exists()

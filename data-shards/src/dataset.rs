@@ -32,11 +32,15 @@ struct Shard {
     num_tokens: u64,
     num_documents: u64,
     doc_ends: DocEnds,
+    /// Byte offset of the loss mask (one bit per token; format version 2), if the shard has one.
+    mask_at: Option<usize>,
     /// Index of this shard's first token / document within the dataset.
     token_base: u64,
     doc_base: u64,
     /// Expected xxh3-128 of the whole file, from the manifest.
     checksum: Option<String>,
+    /// Tokens with loss-mask bit 1, from the manifest (format version 2).
+    num_loss_tokens: Option<u64>,
 }
 
 impl Shard {
@@ -53,6 +57,29 @@ impl Shard {
     fn doc_range(&self, i: u64) -> (u64, u64) {
         let start = if i == 0 { 0 } else { self.doc_end(i - 1) };
         (start, self.doc_end(i))
+    }
+
+    /// Index of the document that holds local token `t` (the first whose end is past it); `num_documents` if
+    /// none does (only in a damaged table).
+    fn document_of(&self, t: u64) -> u64 {
+        let (mut lo, mut hi) = (0u64, self.num_documents);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.doc_end(mid) <= t {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// Loss-mask bit of local token `t` (1 in a shard without a mask).
+    fn mask_bit(&self, t: u64) -> u8 {
+        match self.mask_at {
+            Some(at) => (self.map[at + (t / 8) as usize] >> (t % 8)) & 1,
+            None => 1,
+        }
     }
 
     fn bytes(&self, start: u64, len: u64) -> &[u8] {
@@ -163,6 +190,26 @@ impl TokenDataset {
             }
             prev = e;
         }
+        if let Some(at) = s.mask_at {
+            let bits = &s.map[at..at + crate::format::loss_mask_len(s.num_tokens) as usize];
+            let ones: u64 = bits.iter().map(|b| u64::from(b.count_ones())).sum();
+            let tail = s.num_tokens % 8;
+            if tail != 0 && bits[bits.len() - 1] >> tail != 0 {
+                return Err(DataError::Corrupt {
+                    path: s.path.clone(),
+                    message: "the loss mask has bits set past the last token".into(),
+                });
+            }
+            if s.num_loss_tokens.is_some_and(|n| n != ones) {
+                return Err(DataError::Corrupt {
+                    path: s.path.clone(),
+                    message: format!(
+                        "the loss mask marks {ones} tokens, the manifest says {}",
+                        s.num_loss_tokens.unwrap_or_default()
+                    ),
+                });
+            }
+        }
         if let Some(vocab) = self.vocab_size {
             let mut buf = vec![0u32; 1 << 16];
             let mut at = 0u64;
@@ -186,6 +233,62 @@ impl TokenDataset {
         Ok(())
     }
 
+    /// Whether the shards carry a loss mask (format version 2: chat and prompt/completion data). Without one,
+    /// every token is trained and [`TokenDataset::read_shard_loss_mask`] gives ones.
+    pub fn has_loss_mask(&self) -> bool {
+        self.shards.iter().any(|s| s.mask_at.is_some())
+    }
+
+    /// Tokens whose loss-mask bit is 1, from the manifest (`None` for data without a mask: all are trained).
+    pub fn num_loss_tokens(&self) -> Option<u64> {
+        if self.has_loss_mask() {
+            self.shards.iter().map(|s| s.num_loss_tokens).sum()
+        } else {
+            None
+        }
+    }
+
+    /// Copies the loss mask of `out.len()` tokens of shard `shard` from local token `start` into `out`: 1 where
+    /// the token is trained as a target, 0 where it is not (prompts, system and user turns, chat-template
+    /// headers); all ones for data without a mask. Panics if out of range.
+    pub fn read_shard_loss_mask(&self, shard: usize, start: u64, out: &mut [u8]) {
+        let s = &self.shards[shard];
+        let end = start.checked_add(out.len() as u64).expect("range overflows");
+        assert!(end <= s.num_tokens, "tokens {start}..{end} out of range ({} tokens)", s.num_tokens);
+        for (o, t) in out.iter_mut().zip(start..end) {
+            *o = s.mask_bit(t);
+        }
+    }
+
+    /// Writes into `out` the position of each of `out.len()` tokens of shard `shard` from local token `start`
+    /// within its document, counted from the document's start or from `start`, whichever is later: 0 where a
+    /// document starts (and at `out[0]`), then 1, 2, ... So a window's positions restart at every document
+    /// boundary inside it, and the documents are the runs that start at each 0. Panics if out of range.
+    pub fn read_shard_positions(&self, shard: usize, start: u64, out: &mut [i64]) {
+        let s = &self.shards[shard];
+        let end = start.checked_add(out.len() as u64).expect("range overflows");
+        assert!(end <= s.num_tokens, "tokens {start}..{end} out of range ({} tokens)", s.num_tokens);
+        let mut doc = s.document_of(start);
+        let mut doc_start = start;
+        for (o, t) in out.iter_mut().zip(start..end) {
+            // Every document that ends at or before `t` is behind us (several, if some are empty).
+            while doc < s.num_documents && s.doc_end(doc) <= t {
+                doc += 1;
+                doc_start = t;
+            }
+            *o = (t - doc_start) as i64;
+        }
+    }
+
+    /// The loss mask of document `i` (see [`TokenDataset::read_shard_loss_mask`]), with the checks of
+    /// [`TokenDataset::document`].
+    pub fn document_loss_mask(&self, i: u64) -> Result<Vec<u8>, DataError> {
+        let (si, a, b) = self.document_location(i)?;
+        let mut out = vec![0u8; (b - a) as usize];
+        self.read_shard_loss_mask(si, a, &mut out);
+        Ok(out)
+    }
+
     /// Total number of tokens (EOS included).
     pub fn num_tokens(&self) -> u64 {
         self.num_tokens
@@ -200,6 +303,14 @@ impl TokenDataset {
     /// out of order or past the shard's tokens ([`TokenDataset::open`] checks only the table's last entry, `verify`
     /// all of them). Panics if `i` is out of range.
     pub fn document(&self, i: u64) -> Result<Vec<u32>, DataError> {
+        let (si, a, b) = self.document_location(i)?;
+        let mut out = vec![0u32; (b - a) as usize];
+        decode_into!(self.shards[si].bytes(a, b - a), self.shards[si].dtype, &mut out[..], u32);
+        Ok(out)
+    }
+
+    /// (shard, first token, end token) of document `i`, checked against its shard. Panics if out of range.
+    fn document_location(&self, i: u64) -> Result<(usize, u64, u64), DataError> {
         assert!(i < self.num_documents, "document {i} out of range ({} documents)", self.num_documents);
         let si = self.shards.partition_point(|s| s.doc_base <= i) - 1;
         let s = &self.shards[si];
@@ -214,9 +325,7 @@ impl TokenDataset {
                 ),
             });
         }
-        let mut out = vec![0u32; (b - a) as usize];
-        decode_into!(s.bytes(a, b - a), s.dtype, &mut out[..], u32);
-        Ok(out)
+        Ok((si, a, b))
     }
 
     /// Tokens `[start, start + len)` of the whole split (may cross shard files).

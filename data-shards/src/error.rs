@@ -26,6 +26,12 @@ pub enum DataError {
     #[error("input {}: line {line}: {message}; fix the line or choose the right --jsonl-field", path.display())]
     Jsonl { path: PathBuf, line: u64, message: String },
 
+    #[error("input {}: line {line}: {message}; fix the example or leave the line out", path.display())]
+    Example { path: PathBuf, line: u64, message: String },
+
+    #[error("chat template {}: {message}", path.display())]
+    ChatTemplate { path: PathBuf, message: String },
+
     #[error("tokenizer {}: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
 
@@ -51,7 +57,7 @@ pub enum DataError {
     BadMagic { path: PathBuf, expected: String, got: String },
 
     #[error("shard {}: format version {got} is not supported (this build reads version {supported}); re-run `data-shards prepare` with this build or upgrade", path.display())]
-    UnsupportedVersion { path: PathBuf, got: u64, supported: u64 },
+    UnsupportedVersion { path: PathBuf, got: u64, supported: String },
 
     #[error("shard {}: unknown or unsupported token dtype code {code}; the file is corrupted or from another tool, re-run `data-shards prepare`", path.display())]
     BadDtype { path: PathBuf, code: u32 },

@@ -10,8 +10,14 @@ use crate::error::DataError;
 
 /// Magic bytes at the start of every shard file.
 pub const SHARD_MAGIC: [u8; 8] = *b"LLMSHRD\0";
-/// Version of the shard file layout and of the manifest.
+/// Version of the shard file layout and of the manifest for data without a loss mask (every token is trained):
+/// what `prepare` writes for text.
 pub const FORMAT_VERSION: u32 = 1;
+/// Version of shards that carry a per-token loss mask (a bit array after the document table) and of their
+/// manifest: what `prepare` writes for chat and prompt/completion data.
+pub const FORMAT_VERSION_MASKED: u32 = 2;
+/// The versions this build reads, for messages.
+const SUPPORTED_VERSIONS: &str = "1 or 2";
 /// Size of the fixed shard header in bytes; tokens start right after it.
 pub const HEADER_LEN: usize = 64;
 /// Name of the manifest inside a dataset directory.
@@ -179,11 +185,11 @@ impl ShardHeader {
             num_tokens: u64_at(16),
             num_documents: u64_at(24),
         };
-        if header.version != FORMAT_VERSION {
+        if !is_supported_version(header.version) {
             return Err(DataError::UnsupportedVersion {
                 path: path.to_path_buf(),
                 got: header.version.into(),
-                supported: FORMAT_VERSION.into(),
+                supported: SUPPORTED_VERSIONS.into(),
             });
         }
         let dtype = Dtype::from_shard_code(header.dtype_code)
@@ -191,12 +197,29 @@ impl ShardHeader {
         Ok((header, dtype))
     }
 
-    /// Total file size implied by this header.
+    /// Whether the shard carries a loss mask (version 2).
+    pub fn has_loss_mask(&self) -> bool {
+        self.version == FORMAT_VERSION_MASKED
+    }
+
+    /// Total file size implied by this header: header, tokens, document table and (version 2) the loss mask.
     pub fn file_len(&self, dtype: Dtype) -> Option<u64> {
+        let mask = if self.has_loss_mask() { loss_mask_len(self.num_tokens) } else { 0 };
         (HEADER_LEN as u64)
             .checked_add(self.num_tokens.checked_mul(dtype.width() as u64)?)?
-            .checked_add(self.num_documents.checked_mul(8)?)
+            .checked_add(self.num_documents.checked_mul(8)?)?
+            .checked_add(mask)
     }
+}
+
+/// Bytes of the loss mask of `num_tokens` tokens: one bit per token, bit `i % 8` of byte `i / 8`.
+pub fn loss_mask_len(num_tokens: u64) -> u64 {
+    num_tokens.div_ceil(8)
+}
+
+/// Whether this build reads shards and manifests of this version.
+fn is_supported_version(version: u32) -> bool {
+    version == FORMAT_VERSION || version == FORMAT_VERSION_MASKED
 }
 
 fn bad_magic(path: &Path, got: &[u8]) -> DataError {
@@ -216,6 +239,9 @@ pub struct ShardInfo {
     pub num_documents: u64,
     /// xxh3-128 of the whole file, 32 lowercase hex digits.
     pub xxh3_128: String,
+    /// Tokens whose loss-mask bit is 1 (format version 2 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_loss_tokens: Option<u64>,
 }
 
 /// All shards of one split.
@@ -223,6 +249,9 @@ pub struct ShardInfo {
 pub struct SplitInfo {
     pub num_tokens: u64,
     pub num_documents: u64,
+    /// Tokens whose loss-mask bit is 1 (format version 2 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_loss_tokens: Option<u64>,
     pub shards: Vec<ShardInfo>,
 }
 
@@ -245,6 +274,11 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Whether the dataset's shards carry a loss mask (format version 2).
+    pub fn has_loss_mask(&self) -> bool {
+        self.format_version == FORMAT_VERSION_MASKED
+    }
+
     /// The split's info; an absent split is empty.
     pub fn split(&self, split: Split) -> SplitInfo {
         self.splits.get(split.name()).cloned().unwrap_or_default()
@@ -271,11 +305,11 @@ impl Manifest {
                 message: format!("format is {:?}, expected {MANIFEST_FORMAT:?}", m.format),
             });
         }
-        if m.format_version != FORMAT_VERSION {
+        if !is_supported_version(m.format_version) {
             return Err(DataError::UnsupportedVersion {
                 path,
                 got: m.format_version.into(),
-                supported: FORMAT_VERSION.into(),
+                supported: SUPPORTED_VERSIONS.into(),
             });
         }
         if let Some(name) = m.tokenizer.as_deref().filter(|name| !is_plain_file_name(name)) {
@@ -310,6 +344,19 @@ impl Manifest {
                     return Err(DataError::Manifest {
                         path,
                         message: format!("shard file name {:?} is not a plain name", sh.file),
+                    });
+                }
+            }
+            if m.has_loss_mask() {
+                let loss = s.shards.iter().try_fold(0u64, |sum, x| {
+                    x.num_loss_tokens.filter(|&n| n <= x.num_tokens).and_then(|n| sum.checked_add(n))
+                });
+                if loss.is_none() || loss != s.num_loss_tokens {
+                    return Err(DataError::Manifest {
+                        path,
+                        message: format!(
+                            "split {name}: num_loss_tokens is missing, larger than num_tokens or does not add up over its shards (format version 2)"
+                        ),
                     });
                 }
             }

@@ -1,17 +1,18 @@
-//! The `data-shards` command-line tool: train a tokenizer, prepare, inspect, verify and decode datasets.
+//! The `data-shards` command-line tool: train a tokenizer, prepare (text or fine-tuning data), inspect, verify and decode datasets, render chat templates.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod cli;
+
 use data_shards::{
-    load_tokenizer, prepare, train_tokenizer, CorpusOptions, DataCursor, DtypeChoice, PrepareOptions, RankLoader,
-    Split, TokenDataset, TrainOptions, WindowSampler,
+    load_tokenizer, prepare, prepare_sft, train_tokenizer, CorpusOptions, DtypeChoice, PrepareOptions, SftFormat,
+    SftOptions, Split, TokenDataset, TrainOptions,
 };
 
 #[derive(Parser, Debug)]
@@ -33,9 +34,9 @@ struct CorpusArgs {
     /// In text files, lines equal to this separate documents (default: one document per file).
     #[arg(long)]
     doc_separator: Option<String>,
-    /// Field holding the text in .jsonl files.
-    #[arg(long, default_value = "text")]
-    jsonl_field: String,
+    /// Field holding the text in .jsonl files [default: text].
+    #[arg(long)]
+    jsonl_field: Option<String>,
 }
 
 impl CorpusArgs {
@@ -44,7 +45,7 @@ impl CorpusArgs {
             inputs: self.input.clone(),
             exclude: self.exclude.clone(),
             doc_separator: self.doc_separator.clone(),
-            jsonl_field: self.jsonl_field.clone(),
+            jsonl_field: self.jsonl_field.clone().unwrap_or_else(|| "text".into()),
         }
     }
 }
@@ -54,6 +55,18 @@ enum DtypeArg {
     Auto,
     U16,
     U32,
+}
+
+/// What the inputs of `prepare` hold.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FormatArg {
+    /// Text files and JSONL text fields: every token is trained (format version 1).
+    Text,
+    /// JSONL {"messages": [{"role", "content"}, ...]}: rendered with the model's chat template, assistant turns
+    /// trained (format version 2).
+    Chat,
+    /// JSONL {"prompt": str, "completion": str}: the completion trained (format version 2).
+    PromptCompletion,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -105,13 +118,21 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         min_frequency: u64,
     },
-    /// Tokenize a corpus into train/valid shard files with a manifest.
+    /// Tokenize a corpus (or fine-tuning data, --format chat|prompt-completion) into train/valid shard files
+    /// with a manifest.
     Prepare {
         #[command(flatten)]
         corpus: CorpusArgs,
-        /// Any Hugging Face tokenizer.json.
+        /// What the inputs hold: text (pretraining), chat or prompt-completion JSONL (fine-tuning, with a loss mask).
+        #[arg(long, value_enum, default_value = "text")]
+        format: FormatArg,
+        /// Any Hugging Face tokenizer.json (required for --format text; default: MODEL_DIR/tokenizer.json).
         #[arg(long)]
-        tokenizer: PathBuf,
+        tokenizer: Option<PathBuf>,
+        /// A Hugging Face model directory (--format chat, prompt-completion): tokenizer.json, the chat template
+        /// (chat_template.jinja or tokenizer_config.json) and the end-of-turn token (eos_token).
+        #[arg(long)]
+        model_dir: Option<PathBuf>,
         /// Output directory (must not exist unless --force).
         #[arg(long)]
         output: PathBuf,
@@ -121,16 +142,18 @@ enum Command {
         /// Start a new shard file once one holds this many tokens.
         #[arg(long, default_value_t = 1 << 28)]
         shard_tokens: u64,
-        /// Token appended after every document.
-        #[arg(long, default_value = "<|endoftext|>")]
-        eos_token: String,
+        /// Token appended after every document [default: <|endoftext|>]; with --model-dir the end of an
+        /// assistant turn or completion [default: its eos_token].
+        #[arg(long)]
+        eos_token: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
         dtype: DtypeArg,
         /// Replace an existing output directory, if it is a dataset written by `prepare` (a data-shards
         /// manifest.json and only the files prepare writes) that contains no input; nothing else is ever deleted.
         #[arg(long)]
         force: bool,
-        /// Let the tokenizer's post-processor add its special tokens (e.g. BOS) per document.
+        /// Let the tokenizer's post-processor add its special tokens (e.g. BOS) per document (not with --format
+        /// chat: the template writes them).
         #[arg(long)]
         add_special_tokens: bool,
     },
@@ -165,12 +188,28 @@ enum Command {
         #[arg(long)]
         ids: bool,
     },
+    /// Render chat JSONL ({"messages": [...]} per line) with a model's chat template: one JSON string per line,
+    /// what transformers' apply_chat_template(messages, tokenize=False) gives.
+    RenderChat {
+        /// A Hugging Face model directory (chat_template.jinja or tokenizer_config.json).
+        #[arg(long)]
+        model_dir: PathBuf,
+        /// Chat JSONL file.
+        #[arg(long)]
+        input: PathBuf,
+        /// End with the header of an assistant turn.
+        #[arg(long)]
+        add_generation_prompt: bool,
+    },
     /// Print each document's token ids as one JSON array per line.
     DumpDocs {
         #[command(flatten)]
         source: Source,
         #[arg(long, value_enum, default_value = "train")]
         split: SplitArg,
+        /// Print {"tokens": [...], "loss_mask": [...]} per document instead (all ones without a mask).
+        #[arg(long)]
+        mask: bool,
     },
     /// Measure RankLoader::next_batch throughput against a plain memcpy of the same bytes.
     BenchLoader {
@@ -228,7 +267,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Prepare {
             corpus,
+            format,
             tokenizer,
+            model_dir,
             output,
             valid_fraction,
             shard_tokens,
@@ -237,25 +278,60 @@ fn run(cli: Cli) -> Result<()> {
             force,
             add_special_tokens,
         } => {
-            let mut opts = PrepareOptions::new(corpus.options(), tokenizer, output.clone());
-            opts.valid_fraction = valid_fraction;
-            opts.shard_tokens = shard_tokens;
-            opts.eos_token = eos_token;
-            opts.dtype = match dtype {
+            let dtype = match dtype {
                 DtypeArg::Auto => DtypeChoice::Auto,
                 DtypeArg::U16 => DtypeChoice::U16,
                 DtypeArg::U32 => DtypeChoice::U32,
             };
-            opts.force = force;
-            opts.add_special_tokens = add_special_tokens;
-            opts.progress = true;
-            let r = prepare(&opts)?;
+            let sft_format = match format {
+                FormatArg::Text => None,
+                FormatArg::Chat => Some(SftFormat::Chat),
+                FormatArg::PromptCompletion => Some(SftFormat::PromptCompletion),
+            };
+            let r = match sft_format {
+                None => {
+                    if model_dir.is_some() {
+                        bail!("--model-dir is for --format chat and prompt-completion; give --tokenizer for text");
+                    }
+                    let tokenizer = tokenizer.context("--format text needs --tokenizer PATH")?;
+                    let mut opts = PrepareOptions::new(corpus.options(), tokenizer, output.clone());
+                    opts.valid_fraction = valid_fraction;
+                    opts.shard_tokens = shard_tokens;
+                    if let Some(eos) = eos_token {
+                        opts.eos_token = eos;
+                    }
+                    opts.dtype = dtype;
+                    opts.force = force;
+                    opts.add_special_tokens = add_special_tokens;
+                    opts.progress = true;
+                    prepare(&opts)?
+                }
+                Some(sft_format) => {
+                    if corpus.jsonl_field.is_some() {
+                        bail!("--jsonl-field is for --format text; fine-tuning lines have fixed fields");
+                    }
+                    let mut opts = SftOptions::new(sft_format, corpus.options(), model_dir, output.clone());
+                    opts.tokenizer = tokenizer;
+                    opts.valid_fraction = valid_fraction;
+                    opts.shard_tokens = shard_tokens;
+                    opts.eos_token = eos_token;
+                    opts.dtype = dtype;
+                    opts.force = force;
+                    opts.add_special_tokens = add_special_tokens;
+                    opts.progress = true;
+                    prepare_sft(&opts)?
+                }
+            };
             let secs = r.elapsed.as_secs_f64().max(1e-9);
             let train = r.manifest.split(Split::Train);
             let valid = r.manifest.split(Split::Valid);
             let tokens = train.num_tokens + valid.num_tokens;
+            let trained = match (train.num_loss_tokens, valid.num_loss_tokens) {
+                (Some(t), Some(v)) => format!(", {} tokens trained (loss mask)", t + v),
+                _ => String::new(),
+            };
             eprintln!(
-                "prepared {} -> train {} tokens / {} docs / {} shards, valid {} tokens / {} docs / {} shards ({}), {:.1} MB in {:.2}s: {:.2} MB/s, {:.0} tokens/s",
+                "prepared {} -> train {} tokens / {} docs / {} shards, valid {} tokens / {} docs / {} shards ({}{trained}), {:.1} MB in {:.2}s: {:.2} MB/s, {:.0} tokens/s",
                 output.display(),
                 train.num_tokens,
                 train.num_documents,
@@ -270,7 +346,10 @@ fn run(cli: Cli) -> Result<()> {
                 tokens as f64 / secs
             );
         }
-        Command::Inspect { source, json } => inspect(&source, json)?,
+        Command::Inspect { source, json } => cli::inspect(&source, json)?,
+        Command::RenderChat { model_dir, input, add_generation_prompt } => {
+            cli::render_chat(&model_dir, &input, add_generation_prompt)?
+        }
         Command::Verify { source } => {
             let splits: Vec<Split> = if source.megatron.is_some() { vec![Split::Train] } else { Split::ALL.to_vec() };
             for split in splits {
@@ -303,123 +382,24 @@ fn run(cli: Cli) -> Result<()> {
                 tok.decode(&window, false).map_err(|e| anyhow::anyhow!("decoding with {}: {e}", tok_path.display()))?;
             println!("{text}");
         }
-        Command::DumpDocs { source, split } => {
+        Command::DumpDocs { source, split, mask } => {
             let ds = source.open(split.into())?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             for i in 0..ds.num_documents() {
-                serde_json::to_writer(&mut out, &ds.document(i)?)?;
+                if mask {
+                    let doc = serde_json::json!({"tokens": ds.document(i)?, "loss_mask": ds.document_loss_mask(i)?});
+                    serde_json::to_writer(&mut out, &doc)?;
+                } else {
+                    serde_json::to_writer(&mut out, &ds.document(i)?)?;
+                }
                 out.write_all(b"\n")?;
             }
             out.flush()?;
         }
         Command::BenchLoader { source, split, seq_len, global_batch, seconds } => {
-            bench_loader(&source, split.into(), seq_len, global_batch, seconds)?
+            cli::bench_loader(&source, split.into(), seq_len, global_batch, seconds)?
         }
     }
-    Ok(())
-}
-
-fn inspect(source: &Source, json: bool) -> Result<()> {
-    let splits: Vec<Split> = if source.megatron.is_some() { vec![Split::Train] } else { Split::ALL.to_vec() };
-    let mut report = serde_json::Map::new();
-    for split in splits {
-        let ds = source.open(split)?;
-        let name = if source.megatron.is_some() { "megatron" } else { split.name() };
-        if json {
-            report.insert(
-                name.into(),
-                serde_json::json!({
-                    "num_tokens": ds.num_tokens(),
-                    "num_documents": ds.num_documents(),
-                    "num_shards": ds.num_shards(),
-                    "dtype": ds.dtype().to_string(),
-                    "vocab_size": ds.vocab_size(),
-                    "eos_id": ds.eos_id(),
-                    "tokenizer": ds.tokenizer_path().map(|p| p.display().to_string()),
-                }),
-            );
-        } else {
-            let mean = ds.num_tokens() as f64 / ds.num_documents().max(1) as f64;
-            println!(
-                "{name}: {} tokens, {} documents ({mean:.1} tokens/doc), {} shards, dtype {}, vocab {}, eos {}",
-                ds.num_tokens(),
-                ds.num_documents(),
-                ds.num_shards(),
-                ds.dtype(),
-                opt(ds.vocab_size()),
-                opt(ds.eos_id()),
-            );
-            for p in ds.shard_paths() {
-                println!("  {}", display_name(&p));
-            }
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
-}
-
-fn opt(v: Option<u32>) -> String {
-    v.map_or_else(|| "unknown".into(), |v| v.to_string())
-}
-
-fn display_name(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn bench_loader(source: &Source, split: Split, seq_len: usize, global_batch: usize, seconds: f64) -> Result<()> {
-    let ds = Arc::new(source.open(split)?);
-    let sampler = WindowSampler::new(ds.clone(), seq_len, 1234)?;
-    let check = WindowSampler::new(ds.clone(), seq_len, 1234)?;
-    let mut loader = RankLoader::new(sampler, 0, 1, DataCursor::default());
-    let mut out = vec![0i64; global_batch * (seq_len + 1)];
-    let budget = std::time::Duration::from_secs_f64(seconds);
-
-    // Loader: windows decoded to i64 through the permutation.
-    let t = Instant::now();
-    let mut batches = 0u64;
-    let mut sink = 0i64;
-    while t.elapsed() < budget {
-        loader.next_batch_into(global_batch, &mut out);
-        sink = sink.wrapping_add(out[batches as usize % out.len()]);
-        batches += 1;
-    }
-    let loader_secs = t.elapsed().as_secs_f64();
-    let loader_tokens = batches * (global_batch * (seq_len + 1)) as u64;
-
-    // Baseline: memcpy of the same windows' raw bytes, same order.
-    let mut raw = vec![0u8; global_batch * (seq_len + 1) * ds.dtype().width()];
-    let row = (seq_len + 1) * ds.dtype().width();
-    let t = Instant::now();
-    let mut copied = 0u64;
-    let mut gi = 0u64;
-    while t.elapsed() < budget {
-        for dst in raw.chunks_exact_mut(row) {
-            let (shard, start) = check.window_location(check.window_id(gi));
-            dst.copy_from_slice(ds.raw_shard_bytes(shard, start, (seq_len + 1) as u64));
-            gi += 1;
-        }
-        sink = sink.wrapping_add(raw[copied as usize % raw.len()] as i64);
-        copied += 1;
-    }
-    let memcpy_secs = t.elapsed().as_secs_f64();
-    let memcpy_tokens = copied * (global_batch * (seq_len + 1)) as u64;
-
-    let loader_tps = loader_tokens as f64 / loader_secs;
-    let memcpy_tps = memcpy_tokens as f64 / memcpy_secs;
-    println!(
-        "loader: {:.3e} tokens/s ({} batches of {}x{} from {} tokens, {}); memcpy of the same {} bytes: {:.3e} tokens/s; loader/memcpy = {:.2} (checksum {sink})",
-        loader_tps,
-        batches,
-        global_batch,
-        seq_len + 1,
-        ds.num_tokens(),
-        ds.dtype(),
-        ds.dtype(),
-        memcpy_tps,
-        loader_tps / memcpy_tps
-    );
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `prepare`: tokenize a corpus in parallel into shard files + manifest, published atomically.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -15,6 +15,7 @@ use crate::output::{check_output, publish};
 use crate::stream::{DocEnd, DocumentStream, Piece};
 use crate::tokenize::{load_tokenizer, special_tokens_around, vocab_size};
 use crate::writer::{DatasetWriter, ManifestMeta};
+use tokenizers::Tokenizer;
 
 /// Requested token storage type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -82,7 +83,7 @@ pub fn is_valid_document(text: &str, valid_fraction: f64) -> bool {
 }
 
 /// True when a document whose text has this xxh3-64 goes to the validation split.
-fn hash_in_valid_split(hash: u64, valid_fraction: f64) -> bool {
+pub(crate) fn hash_in_valid_split(hash: u64, valid_fraction: f64) -> bool {
     hash < (valid_fraction * 18_446_744_073_709_551_616.0) as u64
 }
 
@@ -92,67 +93,14 @@ fn hash_in_valid_split(hash: u64, valid_fraction: f64) -> bool {
 /// not grow with a document's length: a long document's ids beyond 16 MiB wait in a temporary file.
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
     let started = Instant::now();
-    if !(0.0..1.0).contains(&opts.valid_fraction) {
-        return Err(DataError::InvalidArgument(format!("--valid-fraction {} must be in [0, 1)", opts.valid_fraction)));
-    }
-    if opts.shard_tokens == 0 {
-        return Err(DataError::InvalidArgument("--shard-tokens must be at least 1".into()));
-    }
-    let tokenizer = load_tokenizer(&opts.tokenizer)?;
-    let vocab = vocab_size(&tokenizer);
-    let eos_id = tokenizer.token_to_id(&opts.eos_token).ok_or_else(|| DataError::Tokenizer {
-        path: opts.tokenizer.clone(),
-        message: format!(
-            "EOS token {:?} is not in the vocabulary; pass the tokenizer's end-of-text token with --eos-token",
-            opts.eos_token
-        ),
-    })?;
-    let vocab_u32 = u32::try_from(vocab).map_err(|_| DataError::Tokenizer {
-        path: opts.tokenizer.clone(),
-        message: format!("vocabulary of {vocab} tokens is too large"),
-    })?;
-    let dtype = match opts.dtype {
-        DtypeChoice::Auto => Dtype::for_vocab(vocab),
-        DtypeChoice::U32 => Dtype::U32,
-        DtypeChoice::U16 if vocab > 1 << 16 => {
-            return Err(DataError::VocabTooLargeForU16 { path: opts.tokenizer.clone(), vocab_size: vocab })
-        }
-        DtypeChoice::U16 => Dtype::U16,
-    };
+    let (tokenizer, vocab, dtype) = load_checked(&opts.tokenizer, opts.dtype, opts.valid_fraction, opts.shard_tokens)?;
+    let eos_id = eos_id_of(&tokenizer, &opts.tokenizer, &opts.eos_token)?;
     let files = discover(&opts.corpus)?;
     let inputs = opts.corpus.inputs.iter().chain(files.iter().map(|f| &f.path));
-    check_output(&opts.output, opts.force, inputs.map(PathBuf::as_path))?;
-
-    let parent = match opts.output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| DataError::io(&parent, e))?;
-    let name = opts
-        .output
-        .file_name()
-        .ok_or_else(|| DataError::InvalidArgument(format!("--output {} must name a directory", opts.output.display())))?
-        .to_string_lossy()
-        .into_owned();
-    // Hidden sibling, removed on error; a killed run leaves only this `.NAME.tmp-*` directory.
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
-        .tempdir_in(&parent)
-        .map_err(|e| DataError::io(&parent, e))?;
+    let (tmp, parent) = staging_dir(&opts.output, opts.force, inputs.map(PathBuf::as_path))?;
 
     let mut stream = DocumentStream::new(files, opts.corpus.clone());
-    let bar = if opts.progress && std::io::stderr().is_terminal() {
-        let bar = ProgressBar::with_draw_target(Some(stream.total_bytes()), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}",
-            )
-            .expect("valid template"),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = progress_bar(opts.progress, stream.total_bytes());
 
     let (head, mut tail) = if opts.add_special_tokens {
         special_tokens_around(&tokenizer, &opts.tokenizer)?
@@ -213,15 +161,111 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
         });
     }
 
-    let tok_dst = tmp.path().join(TOKENIZER_FILE);
-    std::fs::copy(&opts.tokenizer, &tok_dst).map_err(|e| DataError::io(&opts.tokenizer, e))?;
-    let manifest = writer.finish(ManifestMeta {
+    let meta = ManifestMeta {
         tokenizer: Some(TOKENIZER_FILE.into()),
-        vocab_size: vocab_u32,
+        vocab_size: vocab,
         eos_token: Some(opts.eos_token.clone()),
         eos_id: Some(eos_id),
         valid_fraction: opts.valid_fraction,
-    })?;
-    publish(tmp, &opts.output, &parent)?;
+    };
+    let manifest = finish_dataset(tmp, &parent, &opts.output, writer, &opts.tokenizer, meta)?;
     Ok(PrepareReport { manifest, input_bytes: stream.bytes_read, elapsed: started.elapsed() })
+}
+
+/// Checks the options `prepare` and `prepare_sft` share and loads the tokenizer: (tokenizer, vocabulary size,
+/// token type).
+pub(crate) fn load_checked(
+    tokenizer_path: &Path,
+    dtype: DtypeChoice,
+    valid_fraction: f64,
+    shard_tokens: u64,
+) -> Result<(Tokenizer, u32, Dtype), DataError> {
+    if !(0.0..1.0).contains(&valid_fraction) {
+        return Err(DataError::InvalidArgument(format!("--valid-fraction {valid_fraction} must be in [0, 1)")));
+    }
+    if shard_tokens == 0 {
+        return Err(DataError::InvalidArgument("--shard-tokens must be at least 1".into()));
+    }
+    let tokenizer = load_tokenizer(tokenizer_path)?;
+    let vocab = vocab_size(&tokenizer);
+    let vocab_u32 = u32::try_from(vocab).map_err(|_| DataError::Tokenizer {
+        path: tokenizer_path.to_path_buf(),
+        message: format!("vocabulary of {vocab} tokens is too large"),
+    })?;
+    let dtype = match dtype {
+        DtypeChoice::Auto => Dtype::for_vocab(vocab),
+        DtypeChoice::U32 => Dtype::U32,
+        DtypeChoice::U16 if vocab > 1 << 16 => {
+            return Err(DataError::VocabTooLargeForU16 { path: tokenizer_path.to_path_buf(), vocab_size: vocab })
+        }
+        DtypeChoice::U16 => Dtype::U16,
+    };
+    Ok((tokenizer, vocab_u32, dtype))
+}
+
+/// The id of the end-of-document token, which must be in the vocabulary.
+pub(crate) fn eos_id_of(tokenizer: &Tokenizer, path: &Path, eos_token: &str) -> Result<u32, DataError> {
+    tokenizer.token_to_id(eos_token).ok_or_else(|| DataError::Tokenizer {
+        path: path.to_path_buf(),
+        message: format!(
+            "EOS token {eos_token:?} is not in the vocabulary; pass the tokenizer's end-of-text token with --eos-token"
+        ),
+    })
+}
+
+/// Checks that the dataset may be written to `output` (see [`check_output`]) and creates the hidden sibling
+/// directory it is written into (removed on error; a killed run leaves only this `.NAME.tmp-*` directory);
+/// returns it and `output`'s parent.
+pub(crate) fn staging_dir<'a>(
+    output: &Path,
+    force: bool,
+    inputs: impl IntoIterator<Item = &'a Path>,
+) -> Result<(tempfile::TempDir, PathBuf), DataError> {
+    check_output(output, force, inputs)?;
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| DataError::io(&parent, e))?;
+    let name = output
+        .file_name()
+        .ok_or_else(|| DataError::InvalidArgument(format!("--output {} must name a directory", output.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(&parent)
+        .map_err(|e| DataError::io(&parent, e))?;
+    Ok((tmp, parent))
+}
+
+/// Copies the tokenizer into the staged dataset, writes its manifest and publishes it as `output`.
+pub(crate) fn finish_dataset(
+    tmp: tempfile::TempDir,
+    parent: &Path,
+    output: &Path,
+    writer: DatasetWriter,
+    tokenizer_path: &Path,
+    meta: ManifestMeta,
+) -> Result<Manifest, DataError> {
+    let tok_dst = tmp.path().join(TOKENIZER_FILE);
+    std::fs::copy(tokenizer_path, &tok_dst).map_err(|e| DataError::io(tokenizer_path, e))?;
+    let manifest = writer.finish(meta)?;
+    publish(tmp, output, parent)?;
+    Ok(manifest)
+}
+
+/// A progress bar over `total` input bytes on stderr, drawn only if `show` and stderr is a terminal.
+pub(crate) fn progress_bar(show: bool, total: u64) -> ProgressBar {
+    if !(show && std::io::stderr().is_terminal()) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar
 }

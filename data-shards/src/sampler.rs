@@ -149,6 +149,42 @@ impl WindowSampler {
         let (shard, start) = self.window_location(self.window_id(global_index));
         self.dataset.read_shard_tokens(shard, start, out);
     }
+
+    /// The same window as [`WindowSampler::window_into`], with each token's loss mask (1 = trained as a target;
+    /// all ones for data without a mask) and its position within its document inside the window (0 at the
+    /// window's first token and at every document start; see [`TokenDataset::read_shard_positions`]).
+    /// Panics unless every buffer holds `seq_len + 1` values.
+    pub fn masked_window_into(
+        &self,
+        global_index: u64,
+        tokens: &mut [i64],
+        loss_mask: &mut [u8],
+        positions: &mut [i64],
+    ) {
+        let w = self.seq_len + 1;
+        assert!(
+            tokens.len() == w && loss_mask.len() == w && positions.len() == w,
+            "window buffers must hold seq_len + 1 values"
+        );
+        let (shard, start) = self.window_location(self.window_id(global_index));
+        self.dataset.read_shard_tokens(shard, start, tokens);
+        self.dataset.read_shard_loss_mask(shard, start, loss_mask);
+        self.dataset.read_shard_positions(shard, start, positions);
+    }
+}
+
+/// Windows of `seq_len + 1` tokens with their loss mask and positions, each row-major `[rows, seq_len + 1]`.
+///
+/// For inputs `tokens[r][..seq_len]` and targets `tokens[r][1..]`, the loss of target `j` counts iff
+/// `loss_mask[r][j + 1] == 1`: the mask belongs to a token as a target (`loss_mask[r][0]` is never used).
+/// `positions[r][j]` is token `j`'s position within its document, restarting at 0 at each document start (and
+/// at the window's first token): attention can be kept within documents (a document is a run from a 0 to the
+/// next) and rotary positions restarted per document.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WindowBatch {
+    pub tokens: Vec<i64>,
+    pub loss_mask: Vec<u8>,
+    pub positions: Vec<i64>,
 }
 
 /// Serializable position of a data-parallel reader: the number of windows consumed globally
@@ -207,6 +243,33 @@ impl RankLoader {
         assert_eq!(out.len() as u64, (range.end - range.start) * w as u64, "output buffer has the wrong length");
         for (row, gi) in out.chunks_exact_mut(w).zip(range) {
             self.sampler.window_into(gi, row);
+        }
+        self.cursor.consumed += global_batch as u64;
+    }
+
+    /// Like [`RankLoader::next_batch`], with each window's loss mask and positions (see [`WindowBatch`]).
+    /// Panics if `global_batch` is not a multiple of dp_size.
+    pub fn next_masked_batch(&mut self, global_batch: usize) -> WindowBatch {
+        let mut out = WindowBatch::default();
+        self.next_masked_batch_into(global_batch, &mut out);
+        out
+    }
+
+    /// Like [`RankLoader::next_masked_batch`], reusing `out`'s buffers (resized to n * (seq_len+1)).
+    pub fn next_masked_batch_into(&mut self, global_batch: usize, out: &mut WindowBatch) {
+        let range = self.next_indices(global_batch);
+        let w = self.sampler.seq_len + 1;
+        let len = (range.end - range.start) as usize * w;
+        out.tokens.resize(len, 0);
+        out.loss_mask.resize(len, 0);
+        out.positions.resize(len, 0);
+        let rows = out
+            .tokens
+            .chunks_exact_mut(w)
+            .zip(out.loss_mask.chunks_exact_mut(w))
+            .zip(out.positions.chunks_exact_mut(w));
+        for (((tokens, loss_mask), positions), gi) in rows.zip(range) {
+            self.sampler.masked_window_into(gi, tokens, loss_mask, positions);
         }
         self.cursor.consumed += global_batch as u64;
     }

@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::DataError;
 use crate::format::{
-    digest_hex, shard_file_name, Dtype, Manifest, ShardHeader, ShardInfo, Split, SplitInfo, FORMAT_VERSION, HEADER_LEN,
-    MANIFEST_FILE, MANIFEST_FORMAT,
+    digest_hex, shard_file_name, Dtype, Manifest, ShardHeader, ShardInfo, Split, SplitInfo, FORMAT_VERSION,
+    FORMAT_VERSION_MASKED, HEADER_LEN, MANIFEST_FILE, MANIFEST_FORMAT,
 };
 
-/// Writes one shard file: header placeholder, tokens, then the document table and final header.
+/// Writes one shard file: header placeholder, tokens, then the document table, the loss mask (format version 2)
+/// and the final header.
 pub struct ShardWriter {
     path: PathBuf,
     out: BufWriter<File>,
@@ -19,11 +20,23 @@ pub struct ShardWriter {
     num_tokens: u64,
     doc_ends: Vec<u64>,
     scratch: Vec<u8>,
+    /// The loss mask so far, one bit per token (format version 2), and how many bits are 1.
+    mask: Option<Vec<u8>>,
+    num_loss_tokens: u64,
 }
 
 impl ShardWriter {
-    /// Creates (truncates) `path`.
+    /// Creates (truncates) `path` for a shard of format version 1 (no loss mask).
     pub fn create(path: &Path, dtype: Dtype) -> Result<Self, DataError> {
+        Self::create_with(path, dtype, false)
+    }
+
+    /// Creates (truncates) `path` for a shard of format version 2, with a loss mask.
+    pub fn create_masked(path: &Path, dtype: Dtype) -> Result<Self, DataError> {
+        Self::create_with(path, dtype, true)
+    }
+
+    fn create_with(path: &Path, dtype: Dtype, masked: bool) -> Result<Self, DataError> {
         if dtype.shard_code().is_none() {
             return Err(DataError::InvalidArgument(format!(
                 "dtype {dtype} cannot be written to shards; use u16 or u32"
@@ -45,7 +58,33 @@ impl ShardWriter {
             num_tokens: 0,
             doc_ends: Vec::new(),
             scratch: Vec::new(),
+            mask: masked.then(Vec::new),
+            num_loss_tokens: 0,
         })
+    }
+
+    /// Appends tokens to the current document with their loss mask (`mask[i] != 0`: token `i` is trained as a
+    /// target). A shard without a loss mask (version 1) takes only all-ones masks.
+    pub fn push_masked_tokens(&mut self, tokens: &[u32], mask: &[u8]) -> Result<(), DataError> {
+        assert_eq!(tokens.len(), mask.len(), "one mask value per token");
+        if self.mask.is_none() && mask.contains(&0) {
+            return Err(DataError::InvalidArgument(format!(
+                "{} has no loss mask (format version 1): it cannot leave tokens out of the loss",
+                self.path.display()
+            )));
+        }
+        let start = self.num_tokens;
+        self.push_tokens(tokens)?;
+        if let Some(bits) = &mut self.mask {
+            for (i, &m) in mask.iter().enumerate() {
+                if m == 0 {
+                    let at = start + i as u64;
+                    bits[(at / 8) as usize] &= !(1 << (at % 8));
+                    self.num_loss_tokens -= 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Appends one document's tokens (the caller includes any EOS).
@@ -55,7 +94,7 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Appends tokens to the current document.
+    /// Appends tokens to the current document (trained: loss-mask bits 1).
     pub fn push_tokens(&mut self, tokens: &[u32]) -> Result<(), DataError> {
         self.scratch.clear();
         match self.dtype {
@@ -77,7 +116,16 @@ impl ShardWriter {
             }
         }
         self.out.write_all(&self.scratch).map_err(|e| DataError::io(&self.path, e))?;
+        let start = self.num_tokens;
         self.num_tokens += tokens.len() as u64;
+        if let Some(bits) = &mut self.mask {
+            // Tokens pushed without a mask are trained: their bits are 1.
+            bits.resize(self.num_tokens.div_ceil(8) as usize, 0);
+            for at in start..self.num_tokens {
+                bits[(at / 8) as usize] |= 1 << (at % 8);
+            }
+            self.num_loss_tokens += tokens.len() as u64;
+        }
         Ok(())
     }
 
@@ -100,8 +148,11 @@ impl ShardWriter {
             table.extend_from_slice(&e.to_le_bytes());
         }
         self.out.write_all(&table).map_err(io)?;
+        if let Some(bits) = &self.mask {
+            self.out.write_all(bits).map_err(io)?;
+        }
         let header = ShardHeader {
-            version: FORMAT_VERSION,
+            version: if self.mask.is_some() { FORMAT_VERSION_MASKED } else { FORMAT_VERSION },
             dtype_code: self.dtype.shard_code().expect("checked in create"),
             num_tokens: self.num_tokens,
             num_documents: self.doc_ends.len() as u64,
@@ -125,6 +176,7 @@ impl ShardWriter {
             num_tokens: header.num_tokens,
             num_documents: header.num_documents,
             xxh3_128: digest_hex(hasher.digest128()),
+            num_loss_tokens: self.mask.is_some().then_some(self.num_loss_tokens),
         })
     }
 }
@@ -153,18 +205,33 @@ pub struct DatasetWriter {
     dir: PathBuf,
     dtype: Dtype,
     shard_tokens: u64,
+    /// Shards carry a loss mask (format version 2).
+    masked: bool,
     splits: Vec<SplitWriter>,
 }
 
 impl DatasetWriter {
-    /// `dir` must exist; shard files are named `{split}-{index:05}.bin`.
+    /// A dataset of format version 1 (no loss mask); `dir` must exist; shard files are named
+    /// `{split}-{index:05}.bin`.
     pub fn new(dir: &Path, dtype: Dtype, shard_tokens: u64) -> Self {
         DatasetWriter {
             dir: dir.to_path_buf(),
             dtype,
             shard_tokens: shard_tokens.max(1),
+            masked: false,
             splits: Split::ALL.iter().map(|&split| SplitWriter { split, shards: Vec::new(), current: None }).collect(),
         }
+    }
+
+    /// Like [`DatasetWriter::new`], for a dataset of format version 2: its shards carry a loss mask.
+    pub fn new_masked(dir: &Path, dtype: Dtype, shard_tokens: u64) -> Self {
+        DatasetWriter { masked: true, ..Self::new(dir, dtype, shard_tokens) }
+    }
+
+    /// Appends tokens with their loss mask to the current document of `split` (see
+    /// [`ShardWriter::push_masked_tokens`]).
+    pub fn push_masked_tokens(&mut self, split: Split, tokens: &[u32], mask: &[u8]) -> Result<(), DataError> {
+        self.current(split)?.push_masked_tokens(tokens, mask)
     }
 
     /// Appends a document (tokens including EOS) to `split`.
@@ -196,7 +263,7 @@ impl DatasetWriter {
         let sw = self.splits.iter_mut().find(|s| s.split == split).expect("both splits exist");
         if sw.current.is_none() {
             let name = shard_file_name(split, sw.shards.len());
-            sw.current = Some(ShardWriter::create(&self.dir.join(name), self.dtype)?);
+            sw.current = Some(ShardWriter::create_with(&self.dir.join(name), self.dtype, self.masked)?);
         }
         Ok(sw.current.as_mut().expect("just created"))
     }
@@ -211,13 +278,14 @@ impl DatasetWriter {
             let info = SplitInfo {
                 num_tokens: sw.shards.iter().map(|s| s.num_tokens).sum(),
                 num_documents: sw.shards.iter().map(|s| s.num_documents).sum(),
+                num_loss_tokens: self.masked.then(|| sw.shards.iter().filter_map(|s| s.num_loss_tokens).sum()),
                 shards: std::mem::take(&mut sw.shards),
             };
             splits.insert(sw.split.name().to_string(), info);
         }
         let manifest = Manifest {
             format: MANIFEST_FORMAT.to_string(),
-            format_version: FORMAT_VERSION,
+            format_version: if self.masked { FORMAT_VERSION_MASKED } else { FORMAT_VERSION },
             tokenizer: meta.tokenizer,
             vocab_size: meta.vocab_size,
             eos_token: meta.eos_token,

@@ -1,4 +1,4 @@
-//! Bounded fuzzing of the readers: damaged shards, document tables, manifests and Megatron indexes (fixed seed) must
+//! Bounded fuzzing of the readers: damaged shards (with and without a loss mask), document tables, manifests and Megatron indexes (fixed seed) must
 //! give a clean one-line error or a result, never a panic, an abort or an unbounded allocation.
 
 mod common;
@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use common::*;
-use data_shards::{Split, TokenDataset, WindowSampler};
+use data_shards::{prepare_sft, CorpusOptions, SftFormat, SftOptions, Split, TokenDataset, WindowSampler};
 
 const CASES: u64 = 300;
 /// Address space for each CLI run (`ulimit -v`, KiB): far more than the small datasets need, far less than what a
@@ -122,11 +122,15 @@ fn read_everything(dir: &Path) {
         for i in 0..ds.num_documents() {
             let _ = ds.document(i);
         }
+        for i in 0..ds.num_documents() {
+            let _ = ds.document_loss_mask(i);
+        }
         let _ = ds.tokens(0, ds.num_tokens());
         if let Ok(sampler) = WindowSampler::new(Arc::new(ds), 8, 1) {
-            let mut window = [0i64; 9];
+            let (mut window, mut mask, mut positions) = ([0i64; 9], [0u8; 9], [0i64; 9]);
             for i in 0..sampler.num_windows().min(64) {
                 sampler.window_into(i, &mut window);
+                sampler.masked_window_into(i, &mut window, &mut mask, &mut positions);
             }
         }
     }
@@ -160,11 +164,30 @@ fn damaged_datasets_give_clean_errors() {
     let tok = train(&corpus, &tmp.path().join("tok.json"), 400);
     let pristine = tmp.path().join("pristine");
     prepare_dir(&corpus, &tok, &pristine, 0.3);
-    let mut rng = Rng(0x5EED);
+    fuzz(tmp.path(), &pristine, 0x5EED);
+}
+
+#[test]
+fn damaged_fine_tuning_datasets_give_clean_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = chat_model_dir(tmp.path(), "model", CHATML_TEMPLATE);
+    let input = tmp.path().join("chats.jsonl");
+    write_chats(&input, &make_chats(40, 8));
+    let pristine = tmp.path().join("pristine");
+    let mut opts = SftOptions::new(SftFormat::Chat, CorpusOptions::new(vec![input]), Some(model), pristine.clone());
+    opts.valid_fraction = 0.3;
+    opts.shard_tokens = 1500;
+    prepare_sft(&opts).unwrap();
+    fuzz(tmp.path(), &pristine, 0xF1E7);
+}
+
+/// [`CASES`] damaged copies of the dataset `pristine`, each read through the library and the CLI.
+fn fuzz(root: &Path, pristine: &Path, seed: u64) {
+    let mut rng = Rng(seed);
     for case in 0..CASES {
-        let dir = tmp.path().join(format!("case-{case}"));
+        let dir = root.join(format!("case-{case}"));
         std::fs::create_dir(&dir).unwrap();
-        for (name, bytes) in dir_contents(&pristine) {
+        for (name, bytes) in dir_contents(pristine) {
             std::fs::write(dir.join(name), bytes).unwrap();
         }
         let mut what: Vec<String> = (0..1 + rng.below(3)).map(|_| damage(&dir, &mut rng)).collect();
@@ -178,7 +201,14 @@ fn damaged_datasets_give_clean_errors() {
         if std::panic::catch_unwind(|| read_everything(&dir)).is_err() {
             panic!("{case}: the library panicked");
         }
-        for args in [vec!["verify", d], vec!["inspect", d], vec!["dump-docs", d], vec!["decode", d, "--len", "64"]] {
+        let commands = [
+            vec!["verify", d],
+            vec!["inspect", d],
+            vec!["dump-docs", d],
+            vec!["dump-docs", d, "--mask"],
+            vec!["decode", d, "--len", "64"],
+        ];
+        for args in commands {
             assert_clean(&dir, &args, &case);
         }
         std::fs::remove_dir_all(&dir).unwrap();

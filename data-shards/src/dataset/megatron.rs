@@ -37,7 +37,7 @@ impl TokenDataset {
         let u64_at = |o: usize| u64::from_le_bytes(idx[o..o + 8].try_into().expect("8 bytes"));
         let version = u64_at(9);
         if version != 1 {
-            return Err(DataError::UnsupportedVersion { path: idx_path.clone(), got: version, supported: 1 });
+            return Err(DataError::UnsupportedVersion { path: idx_path.clone(), got: version, supported: "1".into() });
         }
         let code = idx[17];
         let dtype = Dtype::from_megatron_code(code)
@@ -123,9 +123,11 @@ impl TokenDataset {
             num_tokens: total,
             num_documents,
             doc_ends: DocEnds::Owned(doc_ends),
+            mask_at: None,
             token_base: 0,
             doc_base: 0,
             checksum: None,
+            num_loss_tokens: None,
         };
         Ok(TokenDataset {
             label: format!("megatron dataset {}", prefix.display()),

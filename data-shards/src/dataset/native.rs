@@ -28,6 +28,15 @@ impl TokenDataset {
                 other => other?,
             };
             let (header, dtype) = ShardHeader::parse(&path, &map)?;
+            if header.version != manifest.format_version {
+                return Err(DataError::ManifestMismatch {
+                    path,
+                    message: format!(
+                        "format version {} in header, {} in manifest",
+                        header.version, manifest.format_version
+                    ),
+                });
+            }
             if dtype != manifest.dtype {
                 return Err(DataError::ManifestMismatch {
                     path,
@@ -55,6 +64,7 @@ impl TokenDataset {
                 });
             }
             let table_at = HEADER_LEN + header.num_tokens as usize * dtype.width();
+            let mask_at = header.has_loss_mask().then_some(table_at + 8 * header.num_documents as usize);
             let shard = Shard {
                 path,
                 map,
@@ -63,9 +73,11 @@ impl TokenDataset {
                 num_tokens: header.num_tokens,
                 num_documents: header.num_documents,
                 doc_ends: DocEnds::Table(table_at),
+                mask_at,
                 token_base,
                 doc_base,
                 checksum: Some(sh.xxh3_128.clone()),
+                num_loss_tokens: sh.num_loss_tokens,
             };
             let last = if shard.num_documents == 0 { 0 } else { shard.doc_end(shard.num_documents - 1) };
             if last != shard.num_tokens {

@@ -210,3 +210,58 @@ pub fn dir_contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v.sort();
     v
 }
+
+/// SmolLM2-135M-Instruct's chat template: ChatML with a default system prompt when there is none.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A Hugging Face model directory for chat data in `root/name`: a BPE tokenizer trained on a generated corpus
+/// with the special tokens `<|im_start|>` and `<|im_end|>` added, and a `tokenizer_config.json` holding
+/// `template` and `eos_token` `<|im_end|>`.
+pub fn chat_model_dir(root: &Path, name: &str, template: &str) -> PathBuf {
+    let corpus = root.join(format!("{name}-corpus"));
+    write_corpus(&corpus, &make_docs(90, 5));
+    let base = train(&corpus, &root.join(format!("{name}-base.json")), 400);
+    let mut tok = tokenizers::Tokenizer::from_file(&base).unwrap();
+    tok.add_special_tokens([
+        tokenizers::AddedToken::from("<|im_start|>", true),
+        tokenizers::AddedToken::from("<|im_end|>", true),
+    ])
+    .unwrap();
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    tok.save(dir.join("tokenizer.json"), false).unwrap();
+    let config = serde_json::json!({
+        "bos_token": "<|im_start|>",
+        "eos_token": {"content": "<|im_end|>", "special": true},
+        "chat_template": template,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// `n` conversations of one to three user/assistant rounds, some with a system message; every content starts
+/// with a word (so that no token straddles the start of an assistant turn) and some hold non-ASCII text.
+pub fn make_chats(n: usize, seed: u64) -> Vec<Vec<data_shards::Message>> {
+    let texts = make_docs(n * 7, seed);
+    let mut texts = texts.into_iter();
+    let mut rng = Rng(seed ^ 0xC4A7);
+    (0..n)
+        .map(|_| {
+            let mut chat = Vec::new();
+            if rng.below(3) == 0 {
+                chat.push(data_shards::Message::new("system", texts.next().unwrap()));
+            }
+            for _ in 0..1 + rng.below(3) {
+                chat.push(data_shards::Message::new("user", texts.next().unwrap()));
+                chat.push(data_shards::Message::new("assistant", texts.next().unwrap()));
+            }
+            chat
+        })
+        .collect()
+}
+
+/// Writes conversations as chat JSONL (`{"messages": [...]}` per line).
+pub fn write_chats(path: &Path, chats: &[Vec<data_shards::Message>]) {
+    let lines: Vec<String> = chats.iter().map(|c| serde_json::json!({ "messages": c }).to_string()).collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
