@@ -12,6 +12,7 @@
 //! and lets data-parallel reduction of a segment's gradients start as soon as they are final.
 use crate::comm::{Comm, GroupKind, ReduceOp};
 use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
 use crate::model::{Llama, SegmentKind, TpShard};
 use crate::params::FlatParams;
 use crate::timing::{lap, Phase};
@@ -171,6 +172,32 @@ impl Engine {
             }
             Ok(self.model.segment_forward(last, SegmentKind::Head, &stream))
         })
+    }
+
+    /// An empty key/value cache for `slots` sequences of up to `capacity` tokens (this rank's KV heads).
+    pub fn new_cache(&self, slots: usize, capacity: i64) -> Result<KvCache> {
+        self.model.new_cache(slots, capacity)
+    }
+
+    /// One decoding step: `tokens` [rows, n] are the next `n` tokens of the sequences in cache
+    /// slots `slots` (one row each); only they are computed, against the cached keys and values
+    /// of the sequences' earlier tokens, and they join the cache. Returns this rank's logits
+    /// (its vocabulary slice) of each row's last token, [rows, vocab slice], without a graph.
+    pub fn forward_cached(&self, cache: &mut KvCache, slots: &[usize], tokens: &Tensor) -> Result<Tensor> {
+        let n = tokens.size()[1];
+        let step = cache.step(slots, n)?;
+        let logits = tch::no_grad(|| {
+            let last = self.kinds.len() - 1;
+            let mut stream = self.tp_sum(&self.model.segment_forward(0, SegmentKind::Embedding, tokens))?;
+            for (segment, &kind) in self.kinds.iter().enumerate().take(last).skip(1) {
+                let output = self.model.segment_forward_cached(segment, kind, &stream, cache, &step);
+                stream = &stream + self.tp_sum(&output)?;
+            }
+            let logits = self.model.segment_forward(last, SegmentKind::Head, &stream.narrow(1, n - 1, 1));
+            anyhow::Ok(logits.squeeze_dim(1))
+        })?;
+        cache.commit(&step);
+        Ok(logits)
     }
 
     /// Logits over the whole vocabulary (gathered over the tensor-parallel group).

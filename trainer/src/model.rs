@@ -3,7 +3,11 @@
 //! The model is pure local computation on the tensors it is given: it knows nothing of
 //! devices, ranks or collectives. The engine runs it segment by segment (embedding, each
 //! block's attention and MLP branch, head) and owns the residual stream between segments.
+//! For decoding, the attention branch also takes a key/value cache and the new tokens'
+//! positions (`segment_forward_cached`), so a step computes only the new tokens.
 use crate::config::ModelConfig;
+use crate::kv_cache::{CacheStep, KvCache};
+use anyhow::{bail, Result};
 use tch::{Kind, Reduction, Tensor};
 
 /// One forward unit of the segment schedule: residual branches read the stream, the
@@ -192,15 +196,28 @@ impl Rope {
         Rope { cos: angles.cos().to_kind(kind), sin: angles.sin().to_kind(kind) }
     }
 
-    /// `x`: [batch, heads, seq, head_dim].
+    /// `x`: [batch, heads, seq, head_dim] at positions `0..seq`.
     fn apply(&self, x: &Tensor) -> Tensor {
         let seq = x.size()[2];
-        let (cos, sin) = (self.cos.narrow(0, 0, seq), self.sin.narrow(0, 0, seq));
+        Self::rotate(x, &self.cos.narrow(0, 0, seq), &self.sin.narrow(0, 0, seq))
+    }
+
+    /// `x`: [batch, heads, seq, head_dim] at `positions` [batch, seq].
+    fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Tensor {
+        let (batch, seq) = (positions.size()[0], positions.size()[1]);
+        let at = |table: &Tensor| table.index_select(0, &positions.reshape([-1])).view([batch, 1, seq, -1]);
+        Self::rotate(x, &at(&self.cos), &at(&self.sin))
+    }
+
+    fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         let half = x.size()[3] / 2;
         let rotated = Tensor::cat(&[-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
         x * cos + rotated * sin
     }
 }
+
+/// A decoding step's cache: the attention branches read and extend it.
+type Cached<'a> = Option<(&'a KvCache, &'a CacheStep)>;
 
 /// The model's forward computation over tensors it does not own (views of the engine's
 /// flat parameter buffer), one method per segment kind.
@@ -229,13 +246,46 @@ impl Llama {
     /// tensor parallelism the embedding's and the branches' outputs are this rank's partial
     /// sums and the head's logits cover this rank's slice of the vocabulary.
     pub fn segment_forward(&self, segment: usize, kind: SegmentKind, input: &Tensor) -> Tensor {
+        self.forward(segment, kind, input, None)
+    }
+
+    /// [`Llama::segment_forward`] of a decoding step: `input` holds only the new tokens of the
+    /// sequences of `step`; an attention branch writes their keys and values into `cache` and
+    /// attends over each sequence's cached prefix.
+    pub fn segment_forward_cached(
+        &self,
+        segment: usize,
+        kind: SegmentKind,
+        input: &Tensor,
+        cache: &KvCache,
+        step: &CacheStep,
+    ) -> Tensor {
+        self.forward(segment, kind, input, Some((cache, step)))
+    }
+
+    fn forward(&self, segment: usize, kind: SegmentKind, input: &Tensor, cached: Cached) -> Tensor {
         let w = &self.leaves[segment];
         match kind {
             SegmentKind::Embedding => self.embedding(input, &w[0]),
-            SegmentKind::Attention(_) => self.attention(input, &w[0], &w[1], &w[2]),
+            SegmentKind::Attention(layer) => self.attention(input, &w[0], &w[1], &w[2], cached.map(|c| (layer, c))),
             SegmentKind::Mlp(_) => self.mlp(input, &w[0], &w[1], &w[2]),
             SegmentKind::Head => self.norm(input, &w[0]).linear(&w[1], None::<Tensor>),
         }
+    }
+
+    /// An empty cache for `slots` sequences of up to `capacity` tokens, holding the KV heads of
+    /// this rank, in the weights' dtype and on their device.
+    pub fn new_cache(&self, slots: usize, capacity: i64) -> Result<KvCache> {
+        let m = &self.config;
+        if capacity < 1 || capacity > m.max_seq_len {
+            bail!(
+                "a cache of {capacity} tokens: the model's context is 1..={} tokens (model.max_seq_len)",
+                m.max_seq_len
+            );
+        }
+        let kv_heads = m.kv_heads() / self.tp.size;
+        let (kind, device) = (self.rope.cos.kind(), self.rope.cos.device());
+        Ok(KvCache::new(m.n_layers as usize, slots, kv_heads, capacity, m.head_dim(), kind, device))
     }
 
     /// Sum of the token cross-entropies of `logits` [batch, seq, vocab] against `targets` [batch, seq].
@@ -269,7 +319,14 @@ impl Llama {
         x.rms_norm([self.config.dim], Some(weight), self.config.norm_eps)
     }
 
-    fn attention(&self, x: &Tensor, norm: &Tensor, qkv: &Tensor, out: &Tensor) -> Tensor {
+    fn attention(
+        &self,
+        x: &Tensor,
+        norm: &Tensor,
+        qkv: &Tensor,
+        out: &Tensor,
+        cached: Option<(usize, (&KvCache, &CacheStep))>,
+    ) -> Tensor {
         let m = &self.config;
         let (batch, seq) = (x.size()[0], x.size()[1]);
         let hd = m.head_dim();
@@ -279,11 +336,21 @@ impl Llama {
         let projected = self.norm(x, norm).linear(qkv, None::<Tensor>);
         let parts = projected.split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], -1);
         let split_heads = |t: &Tensor, n: i64| t.view([batch, seq, n, hd]).transpose(1, 2);
-        let q = self.rope.apply(&split_heads(&parts[0], heads));
-        let k = self.rope.apply(&split_heads(&parts[1], kv_heads));
-        let v = split_heads(&parts[2], kv_heads);
-        let attended =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, heads != kv_heads);
+        let (q, k, v) =
+            (split_heads(&parts[0], heads), split_heads(&parts[1], kv_heads), split_heads(&parts[2], kv_heads));
+        let gqa = heads != kv_heads;
+        let attended = match cached {
+            None => {
+                let (q, k) = (self.rope.apply(&q), self.rope.apply(&k));
+                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa)
+            }
+            Some((layer, (cache, step))) => {
+                let (q, k) = (self.rope.apply_at(&q, step.positions()), self.rope.apply_at(&k, step.positions()));
+                let (keys, values) = cache.extend(layer, &k, &v, step);
+                let (mask, causal) = (step.mask(), step.is_causal());
+                Tensor::scaled_dot_product_attention(&q, &keys, &values, mask, 0.0, causal, None, gqa)
+            }
+        };
         attended.transpose(1, 2).reshape([batch, seq, heads * hd]).linear(out, None::<Tensor>)
     }
 

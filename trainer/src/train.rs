@@ -1,4 +1,4 @@
-//! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
+//! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end (through `decode`).
 use crate::checkpoint::{check_same_model, load_optimizer, load_params, Checkpointer, Reader, SaveReport, SaveStatus};
 use crate::comm::{wait_all, Comm, GroupKind, Topology};
 use crate::config::{invalid_config, Config, InvalidConfig, TrainConfig};
@@ -206,7 +206,9 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     if t.sample_tokens > 0 {
         let path =
             data.tokenizer_path.as_ref().context("the dataset names no tokenizer, so no sample can be decoded")?;
-        let text = greedy_sample(&engine, &load_tokenizer(path)?, &t.sample_prompt, t.sample_tokens)?;
+        let tokenizer = load_tokenizer(path)?;
+        let eos = tokenizer.token_to_id(data_shards::tokenize::DEFAULT_EOS).map(i64::from);
+        let text = crate::decode::greedy_text(&engine, &tokenizer, &t.sample_prompt, t.sample_tokens, eos)?;
         if leader {
             info!("sample: {text}");
             println!("{text}");
@@ -414,30 +416,4 @@ fn log_step(r: &StepRecord, t: &TrainConfig, last: bool) {
             r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s, r.mfu
         ),
     }
-}
-
-/// Continues `prompt` by `tokens` greedy steps (stops early at the end-of-text token).
-/// Every rank of a tensor-parallel group must take part.
-pub fn greedy_sample(engine: &Engine, tokenizer: &tokenizers::Tokenizer, prompt: &str, tokens: i64) -> Result<String> {
-    let encoding =
-        tokenizer.encode(prompt, false).map_err(|e| anyhow::anyhow!("cannot encode the sample prompt: {e}"))?;
-    let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
-    let prompt_len = ids.len();
-    let max_seq = engine.model.config().max_seq_len as usize;
-    let device = engine.params.values().device();
-    let eos = tokenizer.token_to_id("<|endoftext|>").map(i64::from);
-    for _ in 0..tokens {
-        let context = &ids[ids.len().saturating_sub(max_seq)..];
-        let input = Tensor::from_slice(context).view([1, -1]).to_device(device);
-        let logits = engine.full_logits(&input)?;
-        let next = logits.select(1, -1).argmax(-1, false).to_kind(Kind::Int64).int64_value(&[0]);
-        if Some(next) == eos {
-            break;
-        }
-        ids.push(next);
-    }
-    let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-    let continuation =
-        tokenizer.decode(&ids[prompt_len..], true).map_err(|e| anyhow::anyhow!("cannot decode the sample: {e}"))?;
-    Ok(format!("{prompt}{continuation}"))
 }
