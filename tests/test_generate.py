@@ -4,9 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO, binary, run
-from transformers import AutoModelForCausalLM
 
 INVALID_CONFIG = 78
 PROMPTS = ["The meaning of life is", "Q: What is the", "You will be", "A man walks into"]
@@ -49,6 +47,9 @@ GREEDY = ("--temperature", 0, "--max-tokens", NEW_TOKENS, "--ignore-eos")
 
 
 def test_greedy_generation_equals_transformers_from_every_source(trained):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     ours = generate(trained["hf"], *GREEDY)
     assert [len(o["token_ids"]) for o in ours] == [NEW_TOKENS] * len(PROMPTS)
     model = AutoModelForCausalLM.from_pretrained(trained["hf"], dtype=torch.float32)

@@ -111,8 +111,9 @@ fn seeded_sampling_repeats_per_request_and_stops_are_honoured() {
     let engine = engine(&[]);
     let prompt = random_tokens(6, 1);
     let sampled = SamplingParams { max_tokens: 24, temperature: 1.0, seed: Some(11), ..SamplingParams::default() };
-    let other = request(&random_tokens(9, 2), SamplingParams { seed: Some(3), ..sampled.clone() });
-    // Alone, or batched with another request: the same tokens (each request has its own generator).
+    let other = request(&random_tokens(9, 2), SamplingParams { seed: Some(3), max_tokens: 5, ..sampled.clone() });
+    // Alone, or batched with others (the third request joins when the first ends, while the second
+    // runs): the same tokens (each request has its own generator).
     let (alone, _) = generate(&engine, None, vec![request(&prompt, sampled.clone())], 4, Mode::KvCache).unwrap();
     let batch = vec![other.clone(), request(&prompt, sampled.clone()), other];
     let (batched, _) = generate(&engine, None, batch, 2, Mode::KvCache).unwrap();
