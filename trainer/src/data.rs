@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use data_shards::{DataCursor, RankLoader, Split, TokenDataset, WindowBatch, WindowSampler};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Windows of token ids, [rows, seq_len + 1], and for fine-tuning data which targets are trained
 /// and where each packed document starts.
@@ -39,11 +39,7 @@ impl Batch {
                 .map(|(target_mask, positions)| Some(Packing { target_mask, positions }))
                 .collect(),
         };
-        tokens
-            .into_iter()
-            .zip(packing)
-            .map(|(tokens, packing)| Batch { tokens, packing })
-            .collect()
+        tokens.into_iter().zip(packing).map(|(tokens, packing)| Batch { tokens, packing }).collect()
     }
 }
 

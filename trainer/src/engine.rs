@@ -12,7 +12,9 @@
 //! and lets data-parallel reduction of a segment's gradients start as soon as they are final.
 use crate::comm::{Comm, GroupKind, ReduceOp};
 use crate::config::ModelConfig;
-use crate::model::{Llama, SegmentKind, TpShard};
+use crate::data::Batch;
+use crate::kv_cache::KvCache;
+use crate::model::{Documents, Llama, SegmentKind, TpShard};
 use crate::params::FlatParams;
 use crate::timing::{lap, Phase};
 use anyhow::Result;
@@ -49,35 +51,43 @@ impl Engine {
         &self.comm
     }
 
-    /// Forward and backward of one micro-batch. `tokens`: [batch, seq + 1] ids; the loss is
-    /// the sum of token cross-entropies divided by `loss_denominator` (the token count of
-    /// the whole step, so gradients of micro-batches add up to the step's mean). Gradients
+    /// Forward and backward of one micro-batch: [batch, seq + 1] token ids, and for packed
+    /// fine-tuning data the trained targets and the documents' positions. The loss is the sum
+    /// of the trained targets' cross-entropies divided by `loss_denominator` (the trained
+    /// targets of the whole step, over every data-parallel rank, so gradients of micro-batches
+    /// add up to the step's mean whatever the layout and micro-batching). Gradients
     /// are added to the flat gradient buffer; `grads_final(segment)` is called as soon as a
     /// segment's backward is done, when `Some` (on the step's last micro-batch). Returns
     /// this micro-batch's share of the loss, a scalar on the device (read nothing back here:
     /// on CUDA that would stall the host until the GPU has caught up).
     pub fn forward_backward(
         &self,
-        tokens: &Tensor,
+        batch: &Batch,
         loss_denominator: f64,
         mut grads_final: Option<&mut dyn FnMut(usize)>,
     ) -> Result<Tensor> {
+        let tokens = &batch.tokens;
         let seq = tokens.size()[1] - 1;
         let (input, targets) = (tokens.narrow(1, 0, seq), tokens.narrow(1, 1, seq));
         let last = self.kinds.len() - 1;
+        let documents = batch.packing.as_ref().map(|p| Documents::new(&p.positions));
+        let branch = |segment: usize, input: &Tensor| match &documents {
+            Some(documents) => self.model.segment_forward_packed(segment, self.kinds[segment], input, documents),
+            None => self.model.segment_forward(segment, self.kinds[segment], input),
+        };
 
         let embedded = self.model.segment_forward(0, SegmentKind::Embedding, &input);
         let mut stream = self.tp_sum(&embedded)?;
         let mut saved = Vec::with_capacity(last);
-        for (segment, &kind) in self.kinds.iter().enumerate().take(last).skip(1) {
+        for segment in 1..last {
             let input = stream.detach().set_requires_grad(true);
-            let output = self.model.segment_forward(segment, kind, &input);
+            let output = branch(segment, &input);
             stream = &stream + self.tp_sum(&output)?;
             saved.push(if self.recompute { Saved::Input(input) } else { Saved::Graph { input, output } });
         }
         let head_input = stream.set_requires_grad(true);
         let logits = self.model.segment_forward(last, SegmentKind::Head, &head_input);
-        let loss = self.loss_sum(&logits, &targets)? / loss_denominator;
+        let loss = self.trained_loss_sum(batch, &logits, &targets)? / loss_denominator;
         lap(Phase::Forward);
 
         let mut notify = |segment: usize| {
@@ -91,7 +101,7 @@ impl Engine {
             let (input, output) = match saved {
                 Saved::Graph { input, output } => (input, output),
                 Saved::Input(input) => {
-                    let output = self.model.segment_forward(segment, self.kinds[segment], &input);
+                    let output = branch(segment, &input);
                     (input, output)
                 }
             };
@@ -135,9 +145,14 @@ impl Engine {
         Ok(total)
     }
 
-    /// Sum of the token cross-entropies, differentiable with respect to this rank's logits.
-    fn loss_sum(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        Ok(self.token_losses(logits, targets)?.sum(None))
+    /// Sum of the trained targets' cross-entropies (all, or those of the batch's mask),
+    /// differentiable with respect to this rank's logits.
+    fn trained_loss_sum(&self, batch: &Batch, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let losses = self.token_losses(logits, targets)?;
+        Ok(match &batch.packing {
+            Some(packing) => (losses * &packing.target_mask).sum(None),
+            None => losses.sum(None),
+        })
     }
 
     /// The cross-entropy of each token, [batch, seq], differentiable with respect to this
@@ -175,14 +190,49 @@ impl Engine {
     /// This rank's logits (its vocabulary slice under tensor parallelism) for `tokens`
     /// [batch, seq], without building a graph.
     pub fn logits(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.logits_within(tokens, None)
+    }
+
+    /// [`Engine::logits`], attending only within `documents` when given (packed windows).
+    fn logits_within(&self, tokens: &Tensor, documents: Option<&Documents>) -> Result<Tensor> {
         tch::no_grad(|| {
             let last = self.kinds.len() - 1;
             let mut stream = self.tp_sum(&self.model.segment_forward(0, SegmentKind::Embedding, tokens))?;
             for (segment, &kind) in self.kinds.iter().enumerate().take(last).skip(1) {
-                stream = &stream + self.tp_sum(&self.model.segment_forward(segment, kind, &stream))?;
+                let output = match documents {
+                    Some(documents) => self.model.segment_forward_packed(segment, kind, &stream, documents),
+                    None => self.model.segment_forward(segment, kind, &stream),
+                };
+                stream = &stream + self.tp_sum(&output)?;
             }
             Ok(self.model.segment_forward(last, SegmentKind::Head, &stream))
         })
+    }
+
+    /// An empty key/value cache for `slots` sequences of up to `capacity` tokens (this rank's KV heads).
+    pub fn new_cache(&self, slots: usize, capacity: i64) -> Result<KvCache> {
+        self.model.new_cache(slots, capacity)
+    }
+
+    /// One decoding step: `tokens` [rows, n] are the next `n` tokens of the sequences in cache
+    /// slots `slots` (one row each); only they are computed, against the cached keys and values
+    /// of the sequences' earlier tokens, and they join the cache. Returns this rank's logits
+    /// (its vocabulary slice) of each row's last token, [rows, vocab slice], without a graph.
+    pub fn forward_cached(&self, cache: &mut KvCache, slots: &[usize], tokens: &Tensor) -> Result<Tensor> {
+        let n = tokens.size()[1];
+        let step = cache.step(slots, n)?;
+        let logits = tch::no_grad(|| {
+            let last = self.kinds.len() - 1;
+            let mut stream = self.tp_sum(&self.model.segment_forward(0, SegmentKind::Embedding, tokens))?;
+            for (segment, &kind) in self.kinds.iter().enumerate().take(last).skip(1) {
+                let output = self.model.segment_forward_cached(segment, kind, &stream, cache, &step);
+                stream = &stream + self.tp_sum(&output)?;
+            }
+            let logits = self.model.segment_forward(last, SegmentKind::Head, &stream.narrow(1, n - 1, 1));
+            anyhow::Ok(logits.squeeze_dim(1))
+        })?;
+        cache.commit(&step);
+        Ok(logits)
     }
 
     /// Logits over the whole vocabulary (gathered over the tensor-parallel group).
@@ -220,10 +270,12 @@ impl Engine {
             .collect()
     }
 
-    /// Sum of the token cross-entropies of `tokens` [batch, seq + 1], without a graph.
-    pub fn eval_loss_sum(&self, tokens: &Tensor) -> Result<f64> {
-        let seq = tokens.size()[1] - 1;
-        let logits = self.logits(&tokens.narrow(1, 0, seq))?;
-        tch::no_grad(|| Ok(self.loss_sum(&logits, &tokens.narrow(1, 1, seq))?.double_value(&[])))
+    /// Sum of the trained targets' cross-entropies of `batch`, without a graph.
+    pub fn eval_loss_sum(&self, batch: &Batch) -> Result<f64> {
+        let seq = batch.tokens.size()[1] - 1;
+        let documents = batch.packing.as_ref().map(|p| Documents::new(&p.positions));
+        let logits = self.logits_within(&batch.tokens.narrow(1, 0, seq), documents.as_ref())?;
+        let targets = batch.tokens.narrow(1, 1, seq);
+        tch::no_grad(|| Ok(self.trained_loss_sum(batch, &logits, &targets)?.double_value(&[])))
     }
 }

@@ -69,7 +69,8 @@ pub fn text_documents(texts: &[String], tokenizer: &Tokenizer, prefix: i64) -> R
     texts
         .iter()
         .map(|text| {
-            let encoding = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize: {e}"))?;
+            let encoding =
+                tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize: {e}"))?;
             let ids = std::iter::once(prefix).chain(encoding.get_ids().iter().map(|&id| i64::from(id))).collect();
             Ok(Document { ids, bytes: text.len() as u64 })
         })
@@ -82,7 +83,11 @@ pub fn read_choice_items(path: &Path) -> Result<Vec<ChoiceItem>> {
     let mut items = Vec::new();
     for (number, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
         let item: ChoiceItem = serde_json::from_str(line).with_context(|| {
-            format!("{} line {}: expected {{\"context\": str, \"choices\": [str], \"answer\": int}}", path.display(), number + 1)
+            format!(
+                "{} line {}: expected {{\"context\": str, \"choices\": [str], \"answer\": int}}",
+                path.display(),
+                number + 1
+            )
         })?;
         if item.choices.len() < 2 || item.answer >= item.choices.len() {
             bail!(

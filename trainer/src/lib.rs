@@ -1,13 +1,17 @@
-//! The trainer library: configuration, model, segment engine, optimizer and training loop.
+//! The trainer library: configuration, model, segment engine, optimizer, training loop, and generation.
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod cuda;
 pub mod data;
+pub mod decode;
 pub mod engine;
 pub mod eval;
 pub mod export;
+pub mod generate;
 pub mod hf;
+pub mod inference;
+pub mod kv_cache;
 pub mod mapped;
 pub mod memory;
 pub mod metrics;
@@ -19,6 +23,7 @@ pub mod preempt;
 pub mod report;
 pub mod run_lock;
 pub mod runlog;
+pub mod sampling;
 pub mod step_sync;
 pub mod timing;
 pub mod topology;

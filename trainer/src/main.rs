@@ -1,4 +1,4 @@
-//! The `trainer` command line: train, count parameters, export, draw a run's report, check the machine's libraries.
+//! The `trainer` command line: train, count parameters, export, generate, draw a run's report, check the machine's libraries.
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use launcher::protocol;
@@ -82,6 +82,9 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Continue prompts with a trained model (a checkpoint or a Hugging Face directory); under
+    /// `launcher run --nproc N` the model is split tensor-parallel over the N ranks.
+    Generate(trainer::generate::GenerateArgs),
     /// Print what this build finds on this machine: CUDA devices, the MPI library, NCCL.
     Env,
     /// Run every collective through NCCL on one GPU (a one-rank communicator) and check the results.
@@ -167,6 +170,7 @@ fn run(command: Command) -> Result<Outcome> {
             print!("{text}");
         }
         Command::ExportHf { checkpoint, output } => trainer::export::from_checkpoint(&checkpoint, &output)?,
+        Command::Generate(args) => trainer::generate::run(&args)?,
         Command::Env => {
             println!("libtorch threads: {}", tch::get_num_threads());
             println!("cuda devices: {}", tch::Cuda::device_count());

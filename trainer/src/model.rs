@@ -3,7 +3,11 @@
 //! The model is pure local computation on the tensors it is given: it knows nothing of
 //! devices, ranks or collectives. The engine runs it segment by segment (embedding, each
 //! block's attention and MLP branch, head) and owns the residual stream between segments.
+//! For decoding, the attention branch also takes a key/value cache and the new tokens'
+//! positions (`segment_forward_cached`), so a step computes only the new tokens.
 use crate::config::ModelConfig;
+use crate::kv_cache::{CacheStep, KvCache};
+use anyhow::{bail, Result};
 use tch::{Kind, Reduction, Tensor};
 
 /// One forward unit of the segment schedule: residual branches read the stream, the
@@ -190,13 +194,55 @@ impl Rope {
         Rope { cos: angles.cos().to_kind(kind), sin: angles.sin().to_kind(kind) }
     }
 
-    /// `x`: [batch, heads, seq, head_dim].
+    /// `x`: [batch, heads, seq, head_dim] at positions `0..seq`.
     fn apply(&self, x: &Tensor) -> Tensor {
         let seq = x.size()[2];
-        let (cos, sin) = (self.cos.narrow(0, 0, seq), self.sin.narrow(0, 0, seq));
+        Self::rotate(x, &self.cos.narrow(0, 0, seq), &self.sin.narrow(0, 0, seq))
+    }
+
+    /// `x`: [batch, heads, seq, head_dim] at `positions` [batch, seq].
+    fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Tensor {
+        let (batch, seq) = (positions.size()[0], positions.size()[1]);
+        let at = |table: &Tensor| table.index_select(0, &positions.reshape([-1])).view([batch, 1, seq, -1]);
+        Self::rotate(x, &at(&self.cos), &at(&self.sin))
+    }
+
+    fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         let half = x.size()[3] / 2;
         let rotated = Tensor::cat(&[-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
         x * cos + rotated * sin
+    }
+}
+
+/// A decoding step's cache: the attention branches read and extend it.
+/// How the tokens of a forward pass attend, besides causally.
+#[derive(Clone, Copy)]
+enum Attend<'a> {
+    /// Over the whole window, at positions `0..seq`.
+    Window,
+    /// Only within their own document, at positions restarting with it (packed fine-tuning data).
+    Documents(&'a Documents),
+    /// Over each sequence's cached keys and values (a decoding step).
+    Cached(&'a KvCache, &'a CacheStep),
+}
+
+/// The documents packed into training windows: each token's position in its document and the
+/// attention mask that keeps a document from seeing the one before it.
+#[derive(Debug)]
+pub struct Documents {
+    positions: Tensor,
+    /// [batch, 1, seq, seq], true where query i may attend key j: same document, j <= i.
+    mask: Tensor,
+}
+
+impl Documents {
+    /// From each input token's position in its document, [batch, seq] (0 where one starts).
+    pub fn new(positions: &Tensor) -> Documents {
+        let seq = positions.size()[1];
+        let document = positions.eq(0).cumsum(1, Kind::Int64);
+        let same = document.unsqueeze(2).eq_tensor(&document.unsqueeze(1));
+        let causal = Tensor::ones([seq, seq], (Kind::Bool, positions.device())).tril(0);
+        Documents { positions: positions.shallow_clone(), mask: same.logical_and(&causal).unsqueeze(1) }
     }
 }
 
@@ -227,10 +273,40 @@ impl Llama {
     /// tensor parallelism the embedding's and the branches' outputs are this rank's partial
     /// sums and the head's logits cover this rank's slice of the vocabulary.
     pub fn segment_forward(&self, segment: usize, kind: SegmentKind, input: &Tensor) -> Tensor {
+        self.forward(segment, kind, input, Attend::Window)
+    }
+
+    /// [`Llama::segment_forward`] of windows that pack several documents: attention stays
+    /// within each document and positions restart with it.
+    pub fn segment_forward_packed(
+        &self,
+        segment: usize,
+        kind: SegmentKind,
+        input: &Tensor,
+        documents: &Documents,
+    ) -> Tensor {
+        self.forward(segment, kind, input, Attend::Documents(documents))
+    }
+
+    /// [`Llama::segment_forward`] of a decoding step: `input` holds only the new tokens of the
+    /// sequences of `step`; an attention branch writes their keys and values into `cache` and
+    /// attends over each sequence's cached prefix.
+    pub fn segment_forward_cached(
+        &self,
+        segment: usize,
+        kind: SegmentKind,
+        input: &Tensor,
+        cache: &KvCache,
+        step: &CacheStep,
+    ) -> Tensor {
+        self.forward(segment, kind, input, Attend::Cached(cache, step))
+    }
+
+    fn forward(&self, segment: usize, kind: SegmentKind, input: &Tensor, attend: Attend) -> Tensor {
         let w = &self.leaves[segment];
         match kind {
             SegmentKind::Embedding => self.embedding(input, &w[0]),
-            SegmentKind::Attention(_) => self.attention(input, &w[0], &w[1], &w[2]),
+            SegmentKind::Attention(layer) => self.attention(input, [&w[0], &w[1], &w[2]], layer, attend),
             SegmentKind::Mlp(_) => self.mlp(input, &w[0], &w[1], &w[2]),
             SegmentKind::Head => self.norm(input, &w[0]).linear(self.head_weight(), None::<Tensor>),
         }
@@ -244,6 +320,21 @@ impl Llama {
         }
     }
 
+    /// An empty cache for `slots` sequences of up to `capacity` tokens, holding the KV heads of
+    /// this rank, in the weights' dtype and on their device.
+    pub fn new_cache(&self, slots: usize, capacity: i64) -> Result<KvCache> {
+        let m = &self.config;
+        if capacity < 1 || capacity > m.max_seq_len {
+            bail!(
+                "a cache of {capacity} tokens: the model's context is 1..={} tokens (model.max_seq_len)",
+                m.max_seq_len
+            );
+        }
+        let kv_heads = m.kv_heads() / self.tp.size;
+        let (kind, device) = (self.rope.cos.kind(), self.rope.cos.device());
+        Ok(KvCache::new(m.n_layers as usize, slots, kv_heads, capacity, m.head_dim(), kind, device))
+    }
+
     /// The cross-entropy of each token, [batch, seq], of `logits` [batch, seq, vocab] against
     /// `targets` [batch, seq].
     pub fn token_losses(logits: &Tensor, targets: &Tensor) -> Tensor {
@@ -251,8 +342,7 @@ impl Llama {
         let flat = logits.view([-1, vocab]);
         // Half-precision logits are upcast; f32 and f64 stay as they are.
         let flat = if flat.kind() == Kind::BFloat16 { flat.to_kind(Kind::Float) } else { flat };
-        flat.cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, Reduction::None, -100, 0.0)
-            .view_as(targets)
+        flat.cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, Reduction::None, -100, 0.0).view_as(targets)
     }
 
     /// Vocabulary-parallel lookup: rows of tokens outside this rank's slice are zero.
@@ -277,7 +367,7 @@ impl Llama {
         x.rms_norm([self.config.dim], Some(weight), self.config.norm_eps)
     }
 
-    fn attention(&self, x: &Tensor, norm: &Tensor, qkv: &Tensor, out: &Tensor) -> Tensor {
+    fn attention(&self, x: &Tensor, [norm, qkv, out]: [&Tensor; 3], layer: usize, attend: Attend) -> Tensor {
         let m = &self.config;
         let (batch, seq) = (x.size()[0], x.size()[1]);
         let hd = m.head_dim();
@@ -287,11 +377,26 @@ impl Llama {
         let projected = self.norm(x, norm).linear(qkv, None::<Tensor>);
         let parts = projected.split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], -1);
         let split_heads = |t: &Tensor, n: i64| t.view([batch, seq, n, hd]).transpose(1, 2);
-        let q = self.rope.apply(&split_heads(&parts[0], heads));
-        let k = self.rope.apply(&split_heads(&parts[1], kv_heads));
-        let v = split_heads(&parts[2], kv_heads);
-        let attended =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, heads != kv_heads);
+        let (q, k, v) =
+            (split_heads(&parts[0], heads), split_heads(&parts[1], kv_heads), split_heads(&parts[2], kv_heads));
+        let gqa = heads != kv_heads;
+        let attended = match attend {
+            Attend::Window => {
+                let (q, k) = (self.rope.apply(&q), self.rope.apply(&k));
+                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa)
+            }
+            Attend::Documents(documents) => {
+                let at = |x: &Tensor| self.rope.apply_at(x, &documents.positions);
+                let mask = Some(&documents.mask);
+                Tensor::scaled_dot_product_attention(&at(&q), &at(&k), &v, mask, 0.0, false, None, gqa)
+            }
+            Attend::Cached(cache, step) => {
+                let (q, k) = (self.rope.apply_at(&q, step.positions()), self.rope.apply_at(&k, step.positions()));
+                let (keys, values) = cache.extend(layer, &k, &v, step);
+                let (mask, causal) = (step.mask(), step.is_causal());
+                Tensor::scaled_dot_product_attention(&q, &keys, &values, mask, 0.0, causal, None, gqa)
+            }
+        };
         attended.transpose(1, 2).reshape([batch, seq, heads * hd]).linear(out, None::<Tensor>)
     }
 

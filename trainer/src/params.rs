@@ -85,10 +85,20 @@ impl FlatParams {
     /// Allocates zeroed buffers for `specs` laid out as [`FlatLayout`] says; call `init` or
     /// `load_hf` to fill them.
     pub fn new(specs: Vec<SegmentSpec>, kind: Kind, device: Device, segment_multiple: i64) -> FlatParams {
+        Self::allocate(specs, kind, device, segment_multiple, true)
+    }
+
+    /// Parameters for inference: no gradient buffer (it would double an f32 model's memory and
+    /// triple a bf16 one's), and leaves that do not require grad.
+    pub fn without_grads(specs: Vec<SegmentSpec>, kind: Kind, device: Device) -> FlatParams {
+        Self::allocate(specs, kind, device, 1, false)
+    }
+
+    fn allocate(specs: Vec<SegmentSpec>, kind: Kind, device: Device, segment_multiple: i64, grad: bool) -> FlatParams {
         let FlatLayout { ranges, segment_ends } = FlatLayout::new(&specs, segment_multiple);
         let numel = segment_ends.last().copied().unwrap_or(0);
         let values = Tensor::zeros([numel], (kind, device));
-        let grads = Tensor::zeros([numel], (master_kind(kind), device));
+        let grads = Tensor::zeros([if grad { numel } else { 0 }], (master_kind(kind), device));
         let leaves = specs
             .iter()
             .zip(&ranges)
@@ -97,7 +107,7 @@ impl FlatParams {
                     .leaves
                     .iter()
                     .zip(leaf_ranges)
-                    .map(|(leaf, range)| view(&values, range).view(leaf.shape.as_slice()).set_requires_grad(true))
+                    .map(|(leaf, range)| view(&values, range).view(leaf.shape.as_slice()).set_requires_grad(grad))
                     .collect()
             })
             .collect();

@@ -1,8 +1,8 @@
-//! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end.
+//! The training loop: batches in, reduced gradients, AdamW steps out, with validation, a per-step log and a greedy sample at the end (through `decode`).
 use crate::checkpoint::{check_same_model, load_optimizer, load_params, Checkpointer, Reader, SaveReport, SaveStatus};
 use crate::comm::{wait_all, Comm, GroupKind, Topology};
 use crate::config::{invalid_config, Config, InvalidConfig, TrainConfig};
-use crate::data::TrainData;
+use crate::data::{Batch, TrainData};
 use crate::engine::Engine;
 use crate::hf;
 use crate::memory::PeakMemory;
@@ -120,10 +120,14 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
         let start = Instant::now();
         reset_phases(device);
         memory.take(); // the step's window starts: evaluation and checkpoints are not counted
-        let batch = data.next_batch(t.global_batch)?;
+        let (batch, trained) = data.next_batch(t.global_batch)?;
+        let trained = match batch.packing {
+            Some(_) => comm.sum_scalar(GroupKind::Data, trained as f64)?.max(1.0), // on the host: no device sync
+            None => step_tokens,
+        };
         lap(Phase::DataWait);
         let overlap = config.parallel.overlap_grad_reduce;
-        let loss = forward_backward_step(&engine, &optimizer, &batch, t.micro_batch, step_tokens, overlap)?;
+        let loss = forward_backward_step(&engine, &optimizer, &batch, t.micro_batch, trained, overlap)?;
         // Shares of the totals (every tensor-parallel rank holds the same loss), and flags.
         let shares = [loss / tp, optimizer.grad_norm_sq_share(&engine.params)];
         let save = checkpointer.status();
@@ -206,7 +210,9 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     if t.sample_tokens > 0 {
         let path =
             data.tokenizer_path.as_ref().context("the dataset names no tokenizer, so no sample can be decoded")?;
-        let text = greedy_sample(&engine, &load_tokenizer(path)?, &t.sample_prompt, t.sample_tokens)?;
+        let tokenizer = load_tokenizer(path)?;
+        let eos = tokenizer.token_to_id(data_shards::tokenize::DEFAULT_EOS).map(i64::from);
+        let text = crate::decode::greedy_text(&engine, &tokenizer, &t.sample_prompt, t.sample_tokens, eos)?;
         if leader {
             info!("sample: {text}");
             println!("{text}");
@@ -367,23 +373,23 @@ fn report_save(leader: bool, metrics: &Metrics, report: Option<SaveReport>) {
 fn forward_backward_step(
     engine: &Engine,
     optimizer: &DistOptimizer,
-    batch: &Tensor,
+    batch: &Batch,
     micro_batch: i64,
-    step_tokens: f64,
+    trained: f64,
     overlap: bool,
 ) -> Result<Tensor> {
     engine.params.zero_grads();
-    let micro_batches = batch.split(micro_batch, 0);
+    let micro_batches = batch.split(micro_batch);
     let mut finished = Vec::new();
     let mut pending = Vec::new();
-    let mut loss = Tensor::zeros([], (Kind::Double, batch.device()));
+    let mut loss = Tensor::zeros([], (Kind::Double, batch.tokens.device()));
     for (i, micro) in micro_batches.iter().enumerate() {
         let mut reduce = |segment: usize| match overlap {
             true => pending.push(optimizer.reduce_segment(&engine.params, segment)),
             false => finished.push(segment),
         };
         let last = i + 1 == micro_batches.len();
-        loss += engine.forward_backward(micro, step_tokens, last.then_some(&mut reduce as &mut dyn FnMut(usize)))?;
+        loss += engine.forward_backward(micro, trained, last.then_some(&mut reduce as &mut dyn FnMut(usize)))?;
     }
     pending.extend(finished.into_iter().map(|segment| optimizer.reduce_segment(&engine.params, segment)));
     wait_all(pending.into_iter().collect::<Result<Vec<_>>>()?)?;
@@ -392,12 +398,13 @@ fn forward_backward_step(
 
 fn validation_loss(engine: &Engine, data: &TrainData, config: &Config) -> Result<f64> {
     let t = &config.train;
+    let (batches, trained) = data.validation_batches(t.eval_sequences, t.micro_batch)?;
     let mut total = 0.0;
-    for batch in data.validation_batches(t.eval_sequences, t.micro_batch) {
-        total += engine.eval_loss_sum(&batch)?;
+    for batch in &batches {
+        total += engine.eval_loss_sum(batch)?;
     }
     let total = engine.comm().sum_scalar(GroupKind::Data, total)?;
-    Ok(total / (t.eval_sequences * t.seq_len) as f64)
+    Ok(total / engine.comm().sum_scalar(GroupKind::Data, trained as f64)?.max(1.0))
 }
 
 /// Logs a step's line every `train.log_every` steps, at the last step and with a validation loss.
@@ -416,30 +423,4 @@ fn log_step(r: &StepRecord, t: &TrainConfig, last: bool) {
             r.step, r.loss, r.lr, r.grad_norm, r.tokens_per_s, r.mfu
         ),
     }
-}
-
-/// Continues `prompt` by `tokens` greedy steps (stops early at the end-of-text token).
-/// Every rank of a tensor-parallel group must take part.
-pub fn greedy_sample(engine: &Engine, tokenizer: &tokenizers::Tokenizer, prompt: &str, tokens: i64) -> Result<String> {
-    let encoding =
-        tokenizer.encode(prompt, false).map_err(|e| anyhow::anyhow!("cannot encode the sample prompt: {e}"))?;
-    let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
-    let prompt_len = ids.len();
-    let max_seq = engine.model.config().max_seq_len as usize;
-    let device = engine.params.values().device();
-    let eos = tokenizer.token_to_id("<|endoftext|>").map(i64::from);
-    for _ in 0..tokens {
-        let context = &ids[ids.len().saturating_sub(max_seq)..];
-        let input = Tensor::from_slice(context).view([1, -1]).to_device(device);
-        let logits = engine.full_logits(&input)?;
-        let next = logits.select(1, -1).argmax(-1, false).to_kind(Kind::Int64).int64_value(&[0]);
-        if Some(next) == eos {
-            break;
-        }
-        ids.push(next);
-    }
-    let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-    let continuation =
-        tokenizer.decode(&ids[prompt_len..], true).map_err(|e| anyhow::anyhow!("cannot decode the sample: {e}"))?;
-    Ok(format!("{prompt}{continuation}"))
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tch::{Kind, Tensor};
 use trainer::comm::Comm;
 use trainer::config::Config;
+use trainer::data::Batch;
 use trainer::hf;
 use trainer::train::build_engine;
 
@@ -47,7 +48,8 @@ fn check_against_transformers(overrides: &[&str]) {
     assert!(logits_diff <= 1e-4, "logits differ from transformers by {logits_diff:e}");
 
     engine.params.zero_grads();
-    let loss = engine.forward_backward(&tokens, (batch * seq) as f64, None).unwrap().double_value(&[]);
+    let windows = Batch { tokens: tokens.shallow_clone(), packing: None };
+    let loss = engine.forward_backward(&windows, (batch * seq) as f64, None).unwrap().double_value(&[]);
     let reference_loss = reference["loss"].double_value(&[0]);
     assert!((loss - reference_loss).abs() <= 1e-5, "loss {loss} vs transformers {reference_loss}");
 
