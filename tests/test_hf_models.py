@@ -35,3 +35,47 @@ def test_smollm2_finetunes_alike_on_one_rank_and_three_tensor_parallel_ranks(smo
                      "tokenizer.json", "tokenizer_config.json"], names
     config = json.loads((exported / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["num_attention_heads"] == 9
+
+
+def chat_data(model_dir, tmp_path):
+    """Conversations built from Debian's fortunes (a user asks, the assistant answers with a fortune), prepared as
+    fine-tuning shards with SmolLM2's chat template: only the assistant turns are trained."""
+    from conftest import FORTUNES
+    texts = [t.strip() for t in (FORTUNES / "fortunes").read_text(errors="replace").split("\n%\n") if t.strip()][:64]
+    source = tmp_path / "chats.jsonl"
+    with source.open("w") as f:
+        for i, text in enumerate(texts):
+            messages = [{"role": "user", "content": f"Tell me fortune number {i}."},
+                        {"role": "assistant", "content": text}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    out = tmp_path / "chat-shards"
+    run(binary("data-shards"), "prepare", "--format", "chat", "--model-dir", model_dir, "--input", source,
+        "--output", out)
+    return out
+
+
+def test_smollm2_chat_finetuning_is_the_same_under_every_layout(smollm2_dir, tmp_path):
+    """The loss is the mean over the trained (assistant) tokens of the whole global batch, so one rank with 4
+    sequences per micro-batch, 2 data-parallel ranks accumulating 2 micro-batches each, and 3 tensor-parallel ranks
+    with 2 micro-batches all take the same steps."""
+    data = chat_data(smollm2_dir, tmp_path)
+    layouts = {"one": (1, 1, 4), "dp2": (2, 1, 1), "tp3": (3, 3, 2)}
+    curves = {}
+    for name, (ranks, tensor, micro) in layouts.items():
+        run_dir = tmp_path / name
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'[checkpoint]\ninit_from_hf = "{smollm2_dir}"\n[data]\npath = "{data}"\n'
+                          f'[model]\nmax_seq_len = 128\n[parallel]\ntensor = {tensor}\n')
+        sets = [f"train.run_dir={run_dir}", "train.steps=2", "train.global_batch=4", f"train.micro_batch={micro}",
+                "optim.lr=1e-5", "optim.warmup_steps=0", "train.threads=1"]
+        args = ["train", "--config", config] + [a for s in sets for a in ("--set", s)]
+        if ranks == 1:
+            run(binary("trainer"), *args)
+        else:
+            run(binary("launcher"), "run", "--nproc", ranks, "--", *args)
+        curves[name] = losses(run_dir)
+    one = curves["one"]
+    # Real weights: far below ln(49152) = 10.8 of a random model, and learning.
+    assert one[0] < 6.0 and one[1] < one[0], one
+    for name, curve in curves.items():
+        assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(one, curve)), (name, curve, one)
