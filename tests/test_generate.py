@@ -96,7 +96,7 @@ def test_seeds_repeat_and_stops_end_the_output(trained):
     (["--top-p", 1.5], "top_p = 1.5 must be in (0, 1]"),
     (["--top-p", 0], "top_p = 0 must be in (0, 1]"),
     (["--max-tokens", 300], "max_tokens = 300 after a prompt of 5 tokens exceeds the context of 256 tokens"),
-    (["--chat"], "--chat: chat templates are not available yet"),
+    (["--chat"], "--chat: the model has no chat template"),
 ])
 def test_bad_arguments_are_refused_clearly(trained, options, expected):
     result = generate(trained["checkpoint"], *options, prompts=PROMPTS[:1], check=False)

@@ -79,3 +79,34 @@ def test_smollm2_chat_finetuning_is_the_same_under_every_layout(smollm2_dir, tmp
     assert one[0] < 6.0 and one[1] < one[0], one
     for name, curve in curves.items():
         assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(one, curve)), (name, curve, one)
+
+
+PLAIN = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+         "The three primary colors are", "Water boils at", "The largest planet in the solar system",
+         "To make a cup of tea, first", "In 1969, the first person to walk on the Moon was"]
+CHATS = ["What is the capital of France?", "Write a haiku about autumn.", "What is 12 times 7?",
+         "Name three fruits.", "Explain gravity in one sentence.", "Translate 'good morning' into French.",
+         "What is the boiling point of water?", "Give me a synonym for happy."]
+
+
+def test_smollm2_greedy_generation_equals_transformers(smollm2_dir, tmp_path):
+    """`trainer generate` with the KV cache and continuous batching (8 prompts at once) gives transformers'
+    greedy tokens on the real model, for plain prompts and through the chat template."""
+    import sys
+    from conftest import REPO
+    for chat, prompts in ((False, [{"prompt": p} for p in PLAIN]),
+                          (True, [{"messages": [{"role": "user", "content": c}]} for c in CHATS])):
+        path = tmp_path / f"prompts-{chat}.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+        args = ["generate", "--model", smollm2_dir, "--prompts-file", path, "--max-tokens", 64, "--temperature", 0,
+                "--batch", 8, "--json", "--threads", 2] + (["--chat"] if chat else [])
+        completions = [json.loads(line) for line in run(binary("trainer"), *args).stdout.splitlines()]
+        ours = [c["token_ids"] for c in completions]
+        reference = run(REPO / ".venv" / "bin" / "python", REPO / "tests" / "reference" / "hf_generate.py",
+                        smollm2_dir, path, 64).stdout.splitlines()
+        theirs = [json.loads(line) for line in reference]
+        eos = 2  # <|im_end|>: transformers keeps it at the end of a finished answer
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert [t for t in a if t != eos] == [t for t in b if t != eos], (chat, prompts[i], a, b)
+        if chat:
+            assert "Paris" in completions[0]["text"], completions[0]

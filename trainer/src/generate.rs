@@ -1,6 +1,6 @@
 //! `trainer generate`: continue prompts with a trained model (a checkpoint or a Hugging Face directory), on one rank or tensor-parallel over every rank of the job; rank 0 prints.
 use crate::comm::{Comm, GroupKind};
-use crate::config::{invalid_config, Dtype, TrainDevice};
+use crate::config::{invalid_config, Config, Dtype, TrainDevice};
 use crate::decode::{generate, Completion, Mode, Request};
 use crate::inference::{load_model, LoadedModel};
 use crate::sampling::SamplingParams;
@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use launcher::protocol;
 use serde::Deserialize;
 use serde_json::json;
-use std::path::PathBuf;
+use data_shards::{ChatTemplate, Message};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokenizers::Tokenizer;
@@ -71,7 +72,10 @@ pub struct GenerateArgs {
     /// Print one JSON object per prompt (with token ids) instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Prompts are chat messages, formatted by the model's chat template (not yet available).
+    /// Chat: each `--prompt` is a user message, and each line of `--prompts-file` may hold
+    /// `{"messages": [{"role", "content"}, ...]}`; they are rendered with the model's chat
+    /// template (its `chat_template.jinja` or `tokenizer_config.json`), the assistant's turn
+    /// opened.
     #[arg(long)]
     pub chat: bool,
     /// Recompute the whole sequence at every step instead of using the KV cache (the reference
@@ -84,7 +88,8 @@ fn parse_dtype(text: &str) -> Result<Dtype, String> {
     toml::Value::String(text.into()).try_into().map_err(|_| format!("{text:?}: one of float32, bfloat16, float64"))
 }
 
-/// One prompt: text (tokenized with the model's tokenizer) or token ids.
+/// One prompt: text (tokenized with the model's tokenizer), token ids, or (with `--chat`) chat
+/// messages.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Prompt {
@@ -92,6 +97,8 @@ struct Prompt {
     prompt: Option<String>,
     #[serde(default)]
     prompt_token_ids: Option<Vec<i64>>,
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
 }
 
 impl GenerateArgs {
@@ -111,8 +118,14 @@ impl GenerateArgs {
     }
 
     fn prompts(&self) -> Result<Vec<Prompt>> {
-        let mut prompts: Vec<Prompt> =
-            self.prompts.iter().map(|p| Prompt { prompt: Some(p.clone()), prompt_token_ids: None }).collect();
+        let mut prompts: Vec<Prompt> = self
+            .prompts
+            .iter()
+            .map(|p| match self.chat {
+                true => Prompt { prompt: None, prompt_token_ids: None, messages: Some(vec![Message::new("user", p)]) },
+                false => Prompt { prompt: Some(p.clone()), prompt_token_ids: None, messages: None },
+            })
+            .collect();
         if let Some(path) = &self.prompts_file {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
             for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -123,9 +136,10 @@ impl GenerateArgs {
                         number + 1
                     ))
                 })?;
-                if prompt.prompt.is_some() == prompt.prompt_token_ids.is_some() {
+                let given = [prompt.prompt.is_some(), prompt.prompt_token_ids.is_some(), prompt.messages.is_some()];
+                if given.iter().filter(|&&g| g).count() != 1 || (prompt.messages.is_some() && !self.chat) {
                     return Err(invalid_config(format!(
-                        "{} line {}: give either \"prompt\" or \"prompt_token_ids\"",
+                        "{} line {}: give one of \"prompt\", \"prompt_token_ids\" or (with --chat) \"messages\"",
                         path.display(),
                         number + 1
                     )));
@@ -144,10 +158,6 @@ impl GenerateArgs {
 pub fn run(args: &GenerateArgs) -> Result<()> {
     args.sampling().validate()?;
     let prompts = args.prompts()?;
-    if args.chat {
-        // The place for data-shards' chat templates: messages -> the model's prompt text.
-        return Err(invalid_config("--chat: chat templates are not available yet; give the prompt text as it is"));
-    }
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
@@ -173,9 +183,10 @@ fn generate_on_ranks(args: &GenerateArgs, prompts: Vec<Prompt>, comm: &Arc<Comm>
             sampling.stop_token_ids.extend(eos.map(i64::from));
         }
     }
+    let template = args.chat.then(|| chat_template(&dir, &config)).transpose()?;
     let requests = prompts
         .iter()
-        .map(|p| Ok(Request { prompt: prompt_ids(p, tokenizer.as_ref())?, params: sampling.clone() }))
+        .map(|p| Ok(Request { prompt: prompt_ids(p, tokenizer.as_ref(), template.as_ref())?, params: sampling.clone() }))
         .collect::<Result<Vec<_>>>()?;
     if leader {
         info!(
@@ -209,18 +220,38 @@ fn generate_on_ranks(args: &GenerateArgs, prompts: Vec<Prompt>, comm: &Arc<Comm>
 
 /// A prompt's token ids: as given, or its text through the tokenizer (with the special tokens
 /// the tokenizer adds, as `transformers` does).
-fn prompt_ids(prompt: &Prompt, tokenizer: Option<&Tokenizer>) -> Result<Vec<i64>> {
+/// The chat template of the model in `dir`: its own files (a Hugging Face directory), else
+/// those of the Hugging Face model its training started from.
+fn chat_template(dir: &Path, config: &Config) -> Result<ChatTemplate> {
+    let candidates = std::iter::once(dir).chain(config.checkpoint.init_from_hf.as_deref());
+    let mut errors = Vec::new();
+    for candidate in candidates {
+        match ChatTemplate::from_model_dir(candidate) {
+            Ok(template) => return Ok(template),
+            Err(error) => errors.push(format!("{error}")),
+        }
+    }
+    Err(invalid_config(format!("--chat: the model has no chat template ({})", errors.join("; "))))
+}
+
+/// A prompt's token ids: given, or text encoded as transformers does (with the tokenizer's
+/// special tokens), or chat messages rendered by the template (which writes the special tokens).
+fn prompt_ids(prompt: &Prompt, tokenizer: Option<&Tokenizer>, template: Option<&ChatTemplate>) -> Result<Vec<i64>> {
     if let Some(ids) = &prompt.prompt_token_ids {
         return Ok(ids.clone());
     }
-    let text = prompt.prompt.as_deref().unwrap_or_default();
     let tokenizer = tokenizer.ok_or_else(|| {
         invalid_config(
             "the model has no tokenizer.json: give prompts as {\"prompt_token_ids\": [...]} in --prompts-file",
         )
     })?;
-    let encoding =
-        tokenizer.encode(text, true).map_err(|e| anyhow::anyhow!("cannot encode the prompt {text:?}: {e}"))?;
+    let (text, special) = match (&prompt.messages, template) {
+        (Some(messages), Some(template)) => (template.render(messages, true)?, false),
+        _ => (prompt.prompt.clone().unwrap_or_default(), true),
+    };
+    let encoding = tokenizer
+        .encode(text.as_str(), special)
+        .map_err(|e| anyhow::anyhow!("cannot encode the prompt {text:?}: {e}"))?;
     Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
 }
 
@@ -228,6 +259,7 @@ fn print_completion(prompt: &Prompt, ids: &[i64], completion: &Completion, as_js
     if as_json {
         let line = json!({
             "prompt": prompt.prompt,
+            "messages": prompt.messages,
             "prompt_token_ids": ids,
             "text": completion.text,
             "token_ids": completion.token_ids,
