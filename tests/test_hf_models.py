@@ -110,3 +110,39 @@ def test_smollm2_greedy_generation_equals_transformers(smollm2_dir, tmp_path):
             assert [t for t in a if t != eos] == [t for t in b if t != eos], (chat, prompts[i], a, b)
         if chat:
             assert "Paris" in completions[0]["text"], completions[0]
+
+
+CHOICES = [
+    {"context": "The capital of France is", "choices": [" Paris", " Berlin", " Madrid"], "answer": 0},
+    {"context": "Water freezes at a temperature of", "choices": [" 0 degrees Celsius", " 50 degrees Celsius"],
+     "answer": 0},
+    {"context": "The opposite of hot is", "choices": [" cold", " blue", " loud"], "answer": 0},
+    {"context": "Two plus two equals", "choices": [" seven", " four"], "answer": 1},
+    {"context": "A cat is a kind of", "choices": [" vegetable", " animal", " planet"], "answer": 1},
+    {"context": "", "choices": ["The sun rises in the east.", "The sun rises in the purple."], "answer": 0},
+]
+
+
+def test_smollm2_evaluation_equals_transformers_under_every_layout(smollm2_dir, tmp_path):
+    """`trainer eval`: loss and bits per byte of a text in windows, and multiple-choice scores, equal transformers'
+    on the real model; tensor-parallel (3 ranks) and data-parallel (2 ranks) runs give the same numbers."""
+    from conftest import FORTUNES, REPO
+    text = tmp_path / "held-out.txt"
+    text.write_text((FORTUNES / "fortunes").read_text(errors="replace")[:1500])
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(json.dumps(item) + "\n" for item in CHOICES))
+    args = ["eval", "--model", smollm2_dir, "--text", text, "--choices", choices, "--seq-len", 128, "--threads", 1]
+    reports = {"one": run(binary("trainer"), *args).stdout,
+               "tp3": run(binary("launcher"), "run", "--nproc", 3, "--", *args, "--tensor", 3).stdout,
+               "dp2": run(binary("launcher"), "run", "--nproc", 2, "--", *args).stdout}
+    reference = json.loads(run(REPO / ".venv" / "bin" / "python", REPO / "tests" / "reference" / "hf_eval.py",
+                               smollm2_dir, text, choices, 128).stdout)
+    for name, out in reports.items():
+        lines = [json.loads(line.split("] ", 1)[-1]) for line in out.splitlines() if "{" in line]
+        loss, scores = lines[0], lines[1]
+        assert loss["tokens"] == reference["tokens"], (name, loss)
+        for key in ("loss", "bits_per_byte"):
+            assert abs(loss[key] - reference[key]) <= 1e-4 * reference[key], (name, key, loss, reference)
+        assert abs(scores["answer_nll"] - reference["answer_nll"]) <= 1e-4 * reference["answer_nll"], (name, scores)
+        assert (scores["accuracy"], scores["accuracy_norm"]) == (reference["accuracy"], reference["accuracy_norm"])
+    assert reference["accuracy"] >= 5 / 6, reference

@@ -5,10 +5,10 @@ use crate::decode::{generate, Completion, Mode, Request};
 use crate::inference::{load_model, LoadedModel};
 use crate::sampling::SamplingParams;
 use anyhow::{Context, Result};
+use data_shards::{ChatTemplate, Message};
 use launcher::protocol;
 use serde::Deserialize;
 use serde_json::json;
-use data_shards::{ChatTemplate, Message};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,7 +61,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "cpu")]
     pub device: TrainDevice,
     /// Compute dtype [default: the model's own].
-    #[arg(long, value_parser = parse_dtype)]
+    #[arg(long, value_parser = Dtype::parse)]
     pub dtype: Option<Dtype>,
     /// Prompts generated at once (continuous batching: a finished one's place goes to the next).
     #[arg(long, default_value_t = 16)]
@@ -82,10 +82,6 @@ pub struct GenerateArgs {
     /// the cache is checked against; slow).
     #[arg(long)]
     pub no_kv_cache: bool,
-}
-
-fn parse_dtype(text: &str) -> Result<Dtype, String> {
-    toml::Value::String(text.into()).try_into().map_err(|_| format!("{text:?}: one of float32, bfloat16, float64"))
 }
 
 /// One prompt: text (tokenized with the model's tokenizer), token ids, or (with `--chat`) chat
@@ -186,7 +182,9 @@ fn generate_on_ranks(args: &GenerateArgs, prompts: Vec<Prompt>, comm: &Arc<Comm>
     let template = args.chat.then(|| chat_template(&dir, &config)).transpose()?;
     let requests = prompts
         .iter()
-        .map(|p| Ok(Request { prompt: prompt_ids(p, tokenizer.as_ref(), template.as_ref())?, params: sampling.clone() }))
+        .map(|p| {
+            Ok(Request { prompt: prompt_ids(p, tokenizer.as_ref(), template.as_ref())?, params: sampling.clone() })
+        })
         .collect::<Result<Vec<_>>>()?;
     if leader {
         info!(

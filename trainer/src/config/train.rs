@@ -93,6 +93,14 @@ impl Dtype {
         }
     }
 
+    /// A dtype by its name (`float32`, `bfloat16`, `float64`), as command lines give it.
+    pub fn parse(text: &str) -> Result<Dtype, String> {
+        [Dtype::Float32, Dtype::Bfloat16, Dtype::Float64]
+            .into_iter()
+            .find(|dtype| dtype.name() == text)
+            .ok_or_else(|| format!("{text:?}: one of float32, bfloat16, float64"))
+    }
+
     /// The name in configs (`train.dtype`) and in Hugging Face's `torch_dtype`.
     pub fn name(self) -> &'static str {
         match self {

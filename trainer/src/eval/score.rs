@@ -1,4 +1,4 @@
-//! `trainer eval`: a model's loss, perplexity and bits per byte on held-out documents, and its accuracy on multiple-choice tasks scored by log-likelihood.
+//! Scoring for `trainer eval`: loss, perplexity and bits per byte of documents, and multiple-choice accuracy by log-likelihood, over any parallel layout.
 //!
 //! Every rank of a tensor-parallel group scores the same sequences; data-parallel groups take
 //! every dp-th one, and the sums meet in one all-reduce over the data-parallel group, so any
