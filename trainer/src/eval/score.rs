@@ -123,7 +123,7 @@ fn score(engine: &Engine, sequences: &[Scored]) -> Result<Vec<f64>> {
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
         for &i in batch {
             let s = &sequences[i];
-            ids.extend(s.ids.iter().copied().chain(std::iter::repeat(0).take(longest - s.ids.len())));
+            ids.extend(s.ids.iter().copied().chain(std::iter::repeat_n(0, longest - s.ids.len())));
             // Target position p predicts token p + 1.
             mask.extend((1..longest).map(|t| f64::from(u8::from(t >= s.first_scored && t < s.ids.len()))));
         }
