@@ -132,7 +132,7 @@ def test_smollm2_evaluation_equals_transformers_under_every_layout(smollm2_dir, 
     choices = tmp_path / "choices.jsonl"
     choices.write_text("".join(json.dumps(item) + "\n" for item in CHOICES))
     args = ["eval", "--model", smollm2_dir, "--text", text, "--choices", choices, "--seq-len", 128, "--threads", 1]
-    reports = {"one": run(binary("trainer"), *args).stdout,
+    reports = {"one": run(binary("trainer"), *args, "--output", tmp_path / "results.json").stdout,
                "tp3": run(binary("launcher"), "run", "--nproc", 3, "--", *args, "--tensor", 3).stdout,
                "dp2": run(binary("launcher"), "run", "--nproc", 2, "--", *args).stdout}
     reference = json.loads(run(REPO / ".venv" / "bin" / "python", REPO / "tests" / "reference" / "hf_eval.py",
@@ -146,3 +146,6 @@ def test_smollm2_evaluation_equals_transformers_under_every_layout(smollm2_dir, 
         assert abs(scores["answer_nll"] - reference["answer_nll"]) <= 1e-4 * reference["answer_nll"], (name, scores)
         assert (scores["accuracy"], scores["accuracy_norm"]) == (reference["accuracy"], reference["accuracy_norm"])
     assert reference["accuracy"] >= 5 / 6, reference
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert [r["kind"] for r in written] == ["text", "choices"] and written[0]["loss"] == json.loads(
+        reports["one"].splitlines()[0])["loss"], written

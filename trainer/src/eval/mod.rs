@@ -56,6 +56,10 @@ pub struct EvalArgs {
     /// CPU threads of each rank (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
+    /// Also write the results (a JSON list, one object per source) to this file, replaced by
+    /// rename when every evaluation is done.
+    #[arg(long, value_name = "FILE.json")]
+    pub output: Option<PathBuf>,
 }
 
 /// Runs `trainer eval` on every rank of the job.
@@ -93,12 +97,14 @@ fn eval_on_ranks(args: &EvalArgs, comm: &Arc<Comm>) -> Result<()> {
         )));
     }
     let leader = comm.topology.rank == 0;
-    let print = |source: &Path, kind: &str, report: serde_json::Value| {
+    let mut results = Vec::new();
+    let mut print = |source: &Path, kind: &str, report: serde_json::Value| {
+        let mut line = json!({"source": source, "kind": kind});
+        line.as_object_mut().expect("an object").extend(report.as_object().cloned().unwrap_or_default());
         if leader {
-            let mut line = json!({"source": source, "kind": kind});
-            line.as_object_mut().expect("an object").extend(report.as_object().cloned().unwrap_or_default());
             println!("{line}");
         }
+        results.push(line);
     };
     for path in &args.texts {
         let documents = text_documents(&read_texts(path)?, &tokenizer, prefix)?;
@@ -113,7 +119,18 @@ fn eval_on_ranks(args: &EvalArgs, comm: &Arc<Comm>) -> Result<()> {
         let items = read_choice_items(path).map_err(|e| invalid_config(format!("--choices: {e:#}")))?;
         print(path, "choices", serde_json::to_value(choice_report(&engine, &items, &tokenizer, prefix, seq_len)?)?);
     }
-    Ok(())
+    match &args.output {
+        Some(path) if leader => write_results(path, &results),
+        _ => Ok(()),
+    }
+}
+
+/// Writes the results as a JSON list, published by rename (a reader never sees half of it).
+fn write_results(path: &Path, results: &[serde_json::Value]) -> Result<()> {
+    let partial = path.with_extension("json.partial");
+    std::fs::write(&partial, serde_json::to_string_pretty(results)?)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The documents of a text file: the whole file, or each line's "text" of a JSONL file.
