@@ -134,24 +134,30 @@ impl TrainData {
     /// On CUDA the copies go through pinned memory without blocking the host (a copy from
     /// pageable memory would wait for every kernel queued before it).
     pub fn next_batch(&mut self, global_batch: i64) -> Result<(Batch, u64)> {
-        let seq = self.window - 1;
         if !self.masked {
             let tokens = self.loader.next_batch(global_batch as usize);
             self.check_vocabulary(&tokens)?;
-            let rows = tokens.len() as i64 / self.window;
-            let tokens = self.to_device(Tensor::from_slice(&tokens).view([rows, self.window]))?;
-            return Ok((Batch { tokens, packing: None }, (rows * seq) as u64));
+            return self.batch_of(&tokens, None);
         }
         let windows = self.loader.next_masked_batch(global_batch as usize);
         self.check_vocabulary(&windows.tokens)?;
-        let rows = windows.tokens.len() as i64 / self.window;
-        let (mask, positions) = self.packing_of(&windows);
+        self.batch_of(&windows.tokens, Some(&windows))
+    }
+
+    /// The device batch of windows of `tokens` (with the packing of `windows` for fine-tuning
+    /// data) and how many of its targets are trained, counted on the host.
+    fn batch_of(&self, tokens: &[i64], windows: Option<&WindowBatch>) -> Result<(Batch, u64)> {
+        let (rows, seq) = (tokens.len() as i64 / self.window, self.window - 1);
+        let tokens = self.to_device(Tensor::from_slice(tokens).view([rows, self.window]))?;
+        let Some(windows) = windows else {
+            return Ok((Batch { tokens, packing: None }, (rows * seq) as u64));
+        };
+        let (mask, positions) = self.packing_of(windows);
         let trained = mask.iter().filter(|&&m| m > 0.0).count() as u64;
         let packing = Packing {
             target_mask: self.to_device(Tensor::from_slice(&mask).view([rows, seq]))?,
             positions: self.to_device(Tensor::from_slice(&positions).view([rows, seq]))?,
         };
-        let tokens = self.to_device(Tensor::from_slice(&windows.tokens).view([rows, self.window]))?;
         Ok((Batch { tokens, packing: Some(packing) }, trained))
     }
 
@@ -214,19 +220,7 @@ impl TrainData {
             windows.loss_mask.extend(mask);
             windows.positions.extend(positions);
         }
-        let rows = share as i64;
-        let tokens = Tensor::from_slice(&windows.tokens).view([rows, self.window]).to_device(self.device);
-        if !self.masked {
-            let batch = Batch { tokens, packing: None };
-            return Ok((batch.split(micro_batch), (rows * (self.window - 1)) as u64));
-        }
-        let (mask, positions) = self.packing_of(&windows);
-        let trained = mask.iter().filter(|&&m| m > 0.0).count() as u64;
-        let seq = self.window - 1;
-        let packing = Packing {
-            target_mask: Tensor::from_slice(&mask).view([rows, seq]).to_device(self.device),
-            positions: Tensor::from_slice(&positions).view([rows, seq]).to_device(self.device),
-        };
-        Ok((Batch { tokens, packing: Some(packing) }.split(micro_batch), trained))
+        let (batch, trained) = self.batch_of(&windows.tokens, self.masked.then_some(&windows))?;
+        Ok((batch.split(micro_batch), trained))
     }
 }

@@ -71,10 +71,7 @@ impl Engine {
         let (input, targets) = (tokens.narrow(1, 0, seq), tokens.narrow(1, 1, seq));
         let last = self.kinds.len() - 1;
         let documents = batch.packing.as_ref().map(|p| Documents::new(&p.positions));
-        let branch = |segment: usize, input: &Tensor| match &documents {
-            Some(documents) => self.model.segment_forward_packed(segment, self.kinds[segment], input, documents),
-            None => self.model.segment_forward(segment, self.kinds[segment], input),
-        };
+        let branch = |segment: usize, input: &Tensor| self.branch(segment, input, documents.as_ref());
 
         let embedded = self.model.segment_forward(0, SegmentKind::Embedding, &input);
         let mut stream = self.tp_sum(&embedded)?;
@@ -193,17 +190,21 @@ impl Engine {
         self.logits_within(tokens, None)
     }
 
+    /// Residual branch `segment` of `input`, attending only within `documents` when given.
+    fn branch(&self, segment: usize, input: &Tensor, documents: Option<&Documents>) -> Tensor {
+        match documents {
+            Some(documents) => self.model.segment_forward_packed(segment, self.kinds[segment], input, documents),
+            None => self.model.segment_forward(segment, self.kinds[segment], input),
+        }
+    }
+
     /// [`Engine::logits`], attending only within `documents` when given (packed windows).
     fn logits_within(&self, tokens: &Tensor, documents: Option<&Documents>) -> Result<Tensor> {
         tch::no_grad(|| {
             let last = self.kinds.len() - 1;
             let mut stream = self.tp_sum(&self.model.segment_forward(0, SegmentKind::Embedding, tokens))?;
-            for (segment, &kind) in self.kinds.iter().enumerate().take(last).skip(1) {
-                let output = match documents {
-                    Some(documents) => self.model.segment_forward_packed(segment, kind, &stream, documents),
-                    None => self.model.segment_forward(segment, kind, &stream),
-                };
-                stream = &stream + self.tp_sum(&output)?;
+            for segment in 1..last {
+                stream = &stream + self.tp_sum(&self.branch(segment, &stream, documents))?;
             }
             Ok(self.model.segment_forward(last, SegmentKind::Head, &stream))
         })

@@ -69,12 +69,16 @@ pub fn text_documents(texts: &[String], tokenizer: &Tokenizer, prefix: i64) -> R
     texts
         .iter()
         .map(|text| {
-            let encoding =
-                tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize: {e}"))?;
-            let ids = std::iter::once(prefix).chain(encoding.get_ids().iter().map(|&id| i64::from(id))).collect();
+            let ids = std::iter::once(prefix).chain(encode(tokenizer, text)?).collect();
             Ok(Document { ids, bytes: text.len() as u64 })
         })
         .collect()
+}
+
+/// The token ids of `text`, without the tokenizer's special tokens.
+fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<i64>> {
+    let encoding = tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("cannot tokenize: {e}"))?;
+    Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
 }
 
 /// Reads a multiple-choice task: JSONL of `{"context", "choices", "answer"}`.
@@ -186,18 +190,14 @@ pub fn choice_report(
     prefix: i64,
     seq_len: usize,
 ) -> Result<ChoiceReport> {
-    let encode = |text: &str| -> Result<Vec<i64>> {
-        let encoding = tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("cannot tokenize: {e}"))?;
-        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
-    };
     let mut sequences = Vec::new();
     for item in items {
-        let mut context = encode(&item.context)?;
+        let mut context = encode(tokenizer, &item.context)?;
         if context.is_empty() {
             context.push(prefix);
         }
         for choice in &item.choices {
-            let continuation = encode(choice)?;
+            let continuation = encode(tokenizer, choice)?;
             if continuation.is_empty() || continuation.len() > seq_len {
                 bail!("the choice {choice:?} is {} tokens; it must be 1 to {seq_len} (--seq-len)", continuation.len());
             }
