@@ -1,4 +1,5 @@
 """Shared fixtures of the end-to-end suite: the built binaries and a prepared real corpus."""
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -21,6 +22,23 @@ def run(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def write_eval_tasks(directory: Path) -> list[str]:
+    """A multiple-choice task and a held-out text from Debian's fortunes; the `--set` items naming them in `[eval]`."""
+    fortunes = [t.strip() for t in (FORTUNES / "fortunes").read_text(errors="replace")
+                .split("\n%\n") if 20 < len(t.strip()) < 200][:40]
+    words = [f.split() for f in fortunes]
+    items = []
+    for i, w in enumerate(words[:12]):
+        cut = len(w) // 2
+        endings = [words[(i + k) % len(words)] for k in range(4)]
+        choices = [" " + " ".join(e[len(e) // 2:]) for e in endings]
+        items.append({"context": " ".join(w[:cut]), "choices": choices[i % 4:] + choices[:i % 4], "answer": (-i) % 4})
+    choices, text = directory / "fortune-endings.jsonl", directory / "held-out.txt"
+    choices.write_text("".join(json.dumps(item) + "\n" for item in items))
+    text.write_text("\n\n".join(fortunes[12:]))
+    return [f'eval.choices=["{choices}"]', f'eval.texts=["{text}"]']
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO, binary, run
+from conftest import REPO, binary, run, write_eval_tasks
 
 TINY = REPO / "configs" / "tiny.toml"
 DASHBOARD = REPO / "configs" / "grafana" / "dashboard.json"
@@ -149,7 +149,7 @@ def observed(fortunes_data, tmp_path_factory):
                      f"train.steps={STEPS}", "train.seq_len=64", "train.global_batch=4", "train.micro_batch=2",
                      "train.eval_every=10", "train.eval_sequences=4", "train.sample_tokens=0", "train.log_every=10",
                      "optim.warmup_steps=10", "metrics.enabled=true", f"metrics.port={base}",
-                     f"metrics.run_id={RUN_ID}"]:
+                     f"metrics.run_id={RUN_ID}", *write_eval_tasks(work)]:
             args += ["--set", item]
         out, err = open(work / "train.out", "w+"), open(work / "train.err", "w+")
         trainer = subprocess.Popen([str(a) for a in args], stdout=out, stderr=err, text=True)

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, binary, run
+from conftest import REPO, binary, run, write_eval_tasks
 
 # The trainer's exit statuses (launcher/src/protocol.rs): an invalid configuration is not retried; other failures may be.
 INVALID_CONFIG, FAILED = 78, 1
@@ -232,3 +232,41 @@ def test_masked_training_is_exact_under_tensor_and_data_parallelism(fortunes_dat
         worst = max((weights_one[k] - weights_tp[k]).abs().max().item() for k in weights_one)
         assert worst <= 1e-9, (tied, worst)
         assert torch.isfinite(torch.tensor(losses_one)).all() and losses_one[-1] < losses_one[0], losses_one
+
+
+def test_evaluations_during_training_equal_trainer_eval_of_the_checkpoint(fortunes_data, tmp_path):
+    """`[eval]` tasks scored every train.eval_every steps by a TP2xDP2 run (f64) land in metrics.jsonl and equal, to
+    1e-9, what `trainer eval` on one rank gives for the checkpoint saved at that step; a bad task file is refused
+    before the first step."""
+    tasks = write_eval_tasks(tmp_path)
+    run_dir = tmp_path / "run"
+    sets = [f"data.path={fortunes_data}", f"train.run_dir={run_dir}", "train.threads=1", "train.dtype=float64",
+            "model.n_layers=2", "parallel.tensor=2", "train.steps=4", "train.global_batch=4", "train.micro_batch=1",
+            "train.seq_len=64", "train.eval_every=2", "train.eval_sequences=4", "train.sample_tokens=0",
+            "checkpoint.every=2", "checkpoint.keep_last=2", *tasks]
+    args = ["train", "--config", TINY] + [a for s in sets for a in ("--set", s)]
+    result = run(binary("launcher"), "run", "--nproc", 4, "--", *args)
+    assert "eval fortune-endings: accuracy " in result.stderr, result.stderr[-3000:]
+    history = records(run_dir)
+    assert [r["step"] for r in history if "eval" in r] == [2, 4]
+    for step in (2, 4):
+        logged = next(r["eval"] for r in history if r["step"] == step)
+        output = tmp_path / f"eval-{step}.json"
+        run(binary("trainer"), "eval", "--model", run_dir / "checkpoints" / f"step-{step:08d}", "--threads", 2,
+            "--choices", tmp_path / "fortune-endings.jsonl", "--text", tmp_path / "held-out.txt", "--seq-len", 64,
+            "--output", output)
+        expected = {Path(r["source"]).stem: r for r in json.loads(output.read_text())}
+        for task, scores in logged.items():
+            assert set(scores) == ({"accuracy", "accuracy_norm", "answer_nll"} if task == "fortune-endings"
+                                   else {"loss", "perplexity", "bits_per_byte"}), scores
+            for name, value in scores.items():
+                assert abs(value - expected[task][name]) <= 1e-9 * max(1.0, abs(value)), (step, task, name, value,
+                                                                                        expected[task])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b"], "answer": 0}\n')
+    refused = train(fortunes_data, tmp_path / "refused", "train.eval_every=2", f'eval.choices=["{bad}"]', check=False)
+    assert refused.returncode == INVALID_CONFIG, refused.stderr
+    assert "eval.choices" in refused.stderr and "needs two choices at least" in refused.stderr, refused.stderr
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()
+    never = train(fortunes_data, tmp_path / "never", "train.eval_every=0", tasks[1], check=False)
+    assert never.returncode == INVALID_CONFIG and "would never run" in never.stderr, never.stderr

@@ -109,6 +109,7 @@ fn from_hf_dir(dir: &Path, comm: Arc<Comm>, device: Device, dtype: Option<Dtype>
         data: DataConfig { path: dir.to_path_buf(), format: Default::default() },
         checkpoint: Default::default(),
         metrics: Default::default(),
+        eval: Default::default(),
     };
     config.train.dtype = dtype;
     config.parallel.tensor = comm.topology.tensor.size as i64;

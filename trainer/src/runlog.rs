@@ -3,6 +3,7 @@ use crate::config::Config;
 use crate::timing::{GroupSeconds, PhaseSeconds};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -28,12 +29,38 @@ pub struct StepRecord {
     pub host_syncs: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// The held-out evaluations of `[eval]`, run with the validation loss: each task's scores.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub eval: EvalScores,
     /// This rank's peak of allocated memory during the step's forward, backward and update,
     /// above what the process held before the model was built ([`crate::memory::PeakMemory`]);
     /// absent where it is not measured yet (CUDA).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_memory_bytes: Option<u64>,
 }
+
+/// Each evaluation task's scores by name (one of [`EVAL_SCORES`]), the task by its name.
+pub type EvalScores = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// The scores an evaluation reports: the name in metrics.jsonl, the Prometheus gauge (by task),
+/// and what it means.
+pub const EVAL_SCORES: [(&str, &str, &str); 6] = [
+    ("accuracy", "trainer_eval_accuracy", "Multiple-choice accuracy: the right choice has the highest log-likelihood"),
+    (
+        "accuracy_norm",
+        "trainer_eval_accuracy_norm",
+        "Multiple-choice accuracy by log-likelihood per byte of each choice (acc_norm)",
+    ),
+    (
+        "answer_nll",
+        "trainer_eval_answer_nll",
+        "Negative log-likelihood (nats) of the right choices, averaged over the items",
+    ),
+    ("loss", "trainer_eval_loss", "Mean negative log-likelihood per token (nats) of held-out text"),
+    ("perplexity", "trainer_eval_perplexity", "Perplexity of held-out text"),
+    // promtool takes a name with "bits" for a size in bits, to be given in bytes: bpb is the usual short form.
+    ("bits_per_byte", "trainer_eval_bpb", "Negative log-likelihood of held-out text in bits per byte of it"),
+];
 
 /// The fields of one `metrics.jsonl` line that the report draws (others are ignored).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -117,6 +144,7 @@ mod tests {
             wait_seconds: [0.0, 0.05, 0.0],
             host_syncs: 1,
             val_loss,
+            eval: EvalScores::new(),
             peak_memory_bytes: None,
         }
     }

@@ -4,6 +4,7 @@ use crate::comm::{wait_all, Comm, GroupKind, Topology};
 use crate::config::{invalid_config, Config, InvalidConfig, TrainConfig};
 use crate::data::{Batch, TrainData};
 use crate::engine::Engine;
+use crate::held_out::HeldOut;
 use crate::hf;
 use crate::memory::PeakMemory;
 use crate::metrics::Metrics;
@@ -12,7 +13,7 @@ use crate::optim::learning_rate;
 use crate::params::FlatParams;
 use crate::preempt::Preemption;
 use crate::run_lock::RunLock;
-use crate::runlog::{StepLog, StepRecord};
+use crate::runlog::{EvalScores, StepLog, StepRecord};
 use crate::step_sync::{StepScalars, StepTotals, SyncCounter};
 use crate::timing::{lap, reset_phases, take_phases, Phase};
 use crate::zero::DistOptimizer;
@@ -89,6 +90,7 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
     check_schedule(config, first_step)?;
     let mut data = TrainData::open(config, topology.data.rank, topology.data.size, device, cursor)
         .with_context(|| format!("cannot read data.path = {}", config.data.path.display()))?;
+    let held_out = HeldOut::open(config, data.tokenizer_path.as_deref())?;
     let mut log = if leader { Some(StepLog::open(config, first_step)?) } else { None };
     let c = &config.checkpoint;
     let mut checkpointer =
@@ -149,10 +151,9 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
 
         let done = step + 1;
         let last = done == t.steps || t.stop_at_step == Some(done);
-        let val_loss = if t.eval_every > 0 && (done % t.eval_every == 0 || last) {
-            Some(validation_loss(&engine, &data, config)?)
-        } else {
-            None
+        let (val_loss, eval) = match t.eval_every > 0 && (done % t.eval_every == 0 || last) {
+            true => evaluate(&engine, &data, config, held_out.as_ref())?,
+            false => (None, EvalScores::new()),
         };
         let (phase_seconds, wait_seconds) = take_phases();
         let record = StepRecord {
@@ -167,6 +168,7 @@ fn train_ranks(config: &Config, comm: Arc<Comm>) -> Result<Outcome> {
             wait_seconds,
             host_syncs: syncs.count(),
             val_loss,
+            eval,
             peak_memory_bytes,
         };
         metrics.record_step(&record);
@@ -396,6 +398,17 @@ fn forward_backward_step(
     Ok(loss)
 }
 
+/// The validation loss, and the scores of the `[eval]` tasks when there are some.
+fn evaluate(
+    engine: &Engine,
+    data: &TrainData,
+    config: &Config,
+    held_out: Option<&HeldOut>,
+) -> Result<(Option<f64>, EvalScores)> {
+    let val_loss = validation_loss(engine, data, config)?;
+    Ok((Some(val_loss), held_out.map(|h| h.evaluate(engine)).transpose()?.unwrap_or_default()))
+}
+
 fn validation_loss(engine: &Engine, data: &TrainData, config: &Config) -> Result<f64> {
     let t = &config.train;
     let (batches, trained) = data.validation_batches(t.eval_sequences, t.micro_batch)?;
@@ -407,8 +420,17 @@ fn validation_loss(engine: &Engine, data: &TrainData, config: &Config) -> Result
     Ok(total / engine.comm().sum_scalar(GroupKind::Data, trained as f64)?.max(1.0))
 }
 
-/// Logs a step's line every `train.log_every` steps, at the last step and with a validation loss.
+/// Logs a step's line every `train.log_every` steps, at the last step and with a validation
+/// loss; then a line per evaluated task.
 fn log_step(r: &StepRecord, t: &TrainConfig, last: bool) {
+    log_step_line(r, t, last);
+    for (task, scores) in &r.eval {
+        let scores: Vec<String> = scores.iter().map(|(name, value)| format!("{name} {value:.4}")).collect();
+        info!("step {} eval {task}: {}", r.step, scores.join(" "));
+    }
+}
+
+fn log_step_line(r: &StepRecord, t: &TrainConfig, last: bool) {
     if r.step % t.log_every != 0 && !last && r.val_loss.is_none() {
         return;
     }

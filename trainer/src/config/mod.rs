@@ -8,7 +8,7 @@ mod train;
 pub use from_hf::{check_model_config, read_model_config};
 pub use model::ModelConfig;
 pub use rules::{invalid_config, InvalidConfig};
-pub use sections::{CheckpointConfig, DataConfig, DataFormat, MetricsConfig, OptimConfig, ParallelConfig};
+pub use sections::{CheckpointConfig, DataConfig, DataFormat, EvalConfig, MetricsConfig, OptimConfig, ParallelConfig};
 pub use train::{Dtype, PreemptSignal, TrainConfig, TrainDevice};
 
 use anyhow::{bail, Context, Result};
@@ -32,6 +32,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
 }
 
 impl Config {
@@ -110,6 +112,7 @@ impl Config {
         self.train.validate(self.model.max_seq_len)?;
         self.checkpoint.validate()?;
         self.metrics.validate()?;
+        self.eval.validate(self.train.eval_every)?;
         self.optim.validate()
     }
 

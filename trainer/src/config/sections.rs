@@ -1,9 +1,9 @@
-//! `[parallel]`, `[optim]`, `[data]`, `[checkpoint]` and `[metrics]`: their keys, defaults and rules.
+//! `[parallel]`, `[optim]`, `[data]`, `[checkpoint]`, `[eval]` and `[metrics]`: their keys, defaults and rules.
 use super::rules::{non_negative, positive, positive_f, MAX_SECONDS};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -155,6 +155,44 @@ impl CheckpointConfig {
     pub fn validate(&self) -> Result<()> {
         non_negative("checkpoint.every", self.every)?;
         positive("checkpoint.keep_last", self.keep_last)
+    }
+}
+
+/// Held-out evaluations repeated during training, with the validation loss at every
+/// `train.eval_every` steps and after the last one: the same scoring as `trainer eval`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Multiple-choice tasks: JSONL of `{"context", "choices", "answer"}`, scored by log-likelihood.
+    pub choices: Vec<PathBuf>,
+    /// Held-out text (a UTF-8 file is one document; in a `.jsonl` file each line's "text" is one),
+    /// scored for loss, perplexity and bits per byte.
+    pub texts: Vec<PathBuf>,
+}
+
+impl EvalConfig {
+    /// A task's name in metrics.jsonl and Prometheus: its file's stem.
+    pub fn task_name(path: &Path) -> String {
+        path.file_stem().map_or_else(|| path.display().to_string(), |stem| stem.to_string_lossy().into())
+    }
+
+    pub fn validate(&self, eval_every: i64) -> Result<()> {
+        let mut seen = std::collections::BTreeMap::new();
+        for path in self.choices.iter().chain(&self.texts) {
+            let name = Self::task_name(path);
+            if let Some(other) = seen.insert(name.clone(), path) {
+                bail!(
+                    "eval: {} and {} are both named {name:?} in the metrics (a task is named by its file's stem); \
+                     rename one of them",
+                    other.display(),
+                    path.display()
+                );
+            }
+        }
+        if !seen.is_empty() && eval_every == 0 {
+            bail!("eval.choices or eval.texts is set but train.eval_every = 0, so they would never run; set train.eval_every");
+        }
+        Ok(())
     }
 }
 

@@ -1,13 +1,8 @@
 //! `trainer eval`: judge a trained model (a checkpoint or a Hugging Face directory) on held-out text, a token dataset or multiple-choice tasks, on one rank or any layout of the job's ranks; rank 0 prints one JSON line per source.
-mod score;
-
-pub use score::{
-    choice_report, loss_report, read_choice_items, text_documents, ChoiceItem, ChoiceReport, Document, LossReport,
-};
-
 use crate::comm::Comm;
 use crate::config::{invalid_config, Dtype, TrainDevice};
 use crate::inference::{load_model, LoadedModel};
+use crate::scoring::{choice_report, loss_report, read_choice_items, read_texts, text_documents, Document};
 use anyhow::{Context, Result};
 use data_shards::{Split, TokenDataset};
 use launcher::protocol;
@@ -131,26 +126,6 @@ fn write_results(path: &Path, results: &[serde_json::Value]) -> Result<()> {
     std::fs::write(&partial, serde_json::to_string_pretty(results)?)
         .with_context(|| format!("cannot write {}", partial.display()))?;
     std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// The documents of a text file: the whole file, or each line's "text" of a JSONL file.
-fn read_texts(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
-    if path.extension().is_none_or(|e| e != "jsonl") {
-        return Ok(vec![text]);
-    }
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(number, line)| {
-            let value: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| invalid_config(format!("{} line {}: {e}", path.display(), number + 1)))?;
-            value["text"].as_str().map(str::to_string).ok_or_else(|| {
-                invalid_config(format!("{} line {}: expected {{\"text\": \"...\"}}", path.display(), number + 1))
-            })
-        })
-        .collect()
 }
 
 /// The first `limit` documents of a token dataset's split, each after `prefix`, with the bytes

@@ -5,7 +5,7 @@ mod server;
 
 use crate::comm::{Comm, Topology};
 use crate::config::Config;
-use crate::runlog::StepRecord;
+use crate::runlog::{EvalScores, StepRecord, EVAL_SCORES};
 use crate::timing::{GROUPS, PHASES};
 use anyhow::Result;
 use memory::MemoryGauges;
@@ -33,6 +33,8 @@ pub const GPU_PEAK_FLOPS: f64 = 989e12;
 pub struct Metrics {
     loss: Gauge,
     validation_loss: Gauge,
+    /// A gauge by task for each of [`EVAL_SCORES`], in its order.
+    eval_scores: Vec<prometheus::GaugeVec>,
     learning_rate: Gauge,
     grad_norm: Gauge,
     tokens_per_second: Gauge,
@@ -138,12 +140,21 @@ impl Metrics {
             "Mean token cross-entropy on the validation windows (NaN before the first evaluation)",
         )?;
         validation_loss.set(f64::NAN);
+        let eval_scores = EVAL_SCORES
+            .iter()
+            .map(|(_, name, help)| {
+                let vec = prometheus::GaugeVec::new(Opts::new(*name, *help), &["task"])?;
+                r.register(Box::new(vec.clone()))?;
+                Ok(vec)
+            })
+            .collect::<Result<_>>()?;
 
         let t = &config.train;
         let step_tokens = (t.global_batch * t.seq_len) as u64;
         Ok(Metrics {
             loss: gauge(&r, "trainer_loss", "Mean token cross-entropy of the last training step")?,
             validation_loss,
+            eval_scores,
             learning_rate: gauge(&r, "trainer_learning_rate", "Learning rate of the last step")?,
             grad_norm: gauge(&r, "trainer_grad_norm", "Global gradient norm of the last step, before clipping")?,
             tokens_per_second: gauge(
@@ -219,6 +230,7 @@ impl Metrics {
         if let Some(val_loss) = record.val_loss {
             self.validation_loss.set(val_loss);
         }
+        self.record_eval(&record.eval);
         self.step.set(record.step);
         self.steps.inc();
         self.tokens.inc_by(self.step_tokens);
@@ -228,6 +240,17 @@ impl Metrics {
         }
         for (counter, seconds) in self.wait_seconds.iter().zip(record.wait_seconds) {
             counter.inc_by(seconds);
+        }
+    }
+
+    /// Sets each evaluated task's scores (a series per task and score).
+    fn record_eval(&self, eval: &EvalScores) {
+        for (task, scores) in eval {
+            for ((name, _, _), vec) in EVAL_SCORES.iter().zip(&self.eval_scores) {
+                if let Some(&value) = scores.get(*name) {
+                    vec.with_label_values(&[task.as_str()]).set(value);
+                }
+            }
         }
     }
 
@@ -288,6 +311,7 @@ mod tests {
             wait_seconds,
             host_syncs: 1,
             val_loss,
+            eval: EvalScores::new(),
             peak_memory_bytes: Some(1 << 20),
         }
     }
@@ -324,6 +348,10 @@ mod tests {
         let metrics = Metrics::new(&config(&["metrics.run_id=\"r1\""]), &topology, Device::Cpu).unwrap();
         let mut step = record(7, Some(4.25), [0.1, 0.2, 0.3, 0.05, 0.02]);
         step.mfu = metrics.mfu(step.step_seconds);
+        let scores = |pairs: &[(&str, f64)]| pairs.iter().map(|&(k, v)| (k.to_string(), v)).collect();
+        step.eval
+            .insert("jargon-mc".into(), scores(&[("accuracy", 0.75), ("accuracy_norm", 0.5), ("answer_nll", 2.0)]));
+        step.eval.insert("held-out".into(), scores(&[("loss", 3.0), ("perplexity", 20.0), ("bits_per_byte", 1.25)]));
         metrics.record_step(&step);
         metrics.record_checkpoint_save(1.5, 1000);
         metrics.record_checkpoint_load(0.5, 2000);
@@ -336,6 +364,12 @@ mod tests {
         let cases: &[Case] = &[
             ("trainer_loss", &[], 4.5),
             ("trainer_validation_loss", &[], 4.25),
+            ("trainer_eval_accuracy", &[("task", "jargon-mc")], 0.75),
+            ("trainer_eval_accuracy_norm", &[("task", "jargon-mc")], 0.5),
+            ("trainer_eval_answer_nll", &[("task", "jargon-mc")], 2.0),
+            ("trainer_eval_loss", &[("task", "held-out")], 3.0),
+            ("trainer_eval_perplexity", &[("task", "held-out")], 20.0),
+            ("trainer_eval_bpb", &[("task", "held-out")], 1.25),
             ("trainer_learning_rate", &[], 1e-3),
             ("trainer_grad_norm", &[], 0.75),
             ("trainer_tokens_per_second", &[], 2048.0),

@@ -1,12 +1,15 @@
-//! Scoring for `trainer eval`: loss, perplexity and bits per byte of documents, and multiple-choice accuracy by log-likelihood, over any parallel layout.
+//! Scoring sequences on the engine, for `trainer eval` and the evaluations during training: loss, perplexity and bits per byte of documents, and multiple-choice accuracy by log-likelihood, over any parallel layout.
 //!
 //! Every rank of a tensor-parallel group scores the same sequences; data-parallel groups take
 //! every dp-th one, and the sums meet in one all-reduce over the data-parallel group, so any
 //! layout gives the same numbers (up to summation order).
 use crate::comm::{GroupKind, ReduceOp};
+use crate::config::invalid_config;
 use crate::engine::Engine;
+use crate::runlog::EVAL_SCORES;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 use tokenizers::Tokenizer;
@@ -53,6 +56,29 @@ pub struct ChoiceReport {
     pub answer_nll: f64,
 }
 
+impl LossReport {
+    /// The scores that metrics.jsonl and Prometheus carry (names from [`EVAL_SCORES`]).
+    pub fn scores(&self) -> BTreeMap<String, f64> {
+        named_scores([("loss", self.loss), ("perplexity", self.perplexity), ("bits_per_byte", self.bits_per_byte)])
+    }
+}
+
+impl ChoiceReport {
+    /// The scores that metrics.jsonl and Prometheus carry (names from [`EVAL_SCORES`]).
+    pub fn scores(&self) -> BTreeMap<String, f64> {
+        named_scores([
+            ("accuracy", self.accuracy),
+            ("accuracy_norm", self.accuracy_norm),
+            ("answer_nll", self.answer_nll),
+        ])
+    }
+}
+
+fn named_scores<const N: usize>(scores: [(&str, f64); N]) -> BTreeMap<String, f64> {
+    debug_assert!(scores.iter().all(|(name, _)| EVAL_SCORES.iter().any(|(known, _, _)| known == name)));
+    scores.into_iter().map(|(name, value)| (name.to_string(), value)).collect()
+}
+
 /// One multiple-choice item as the task file holds it (one JSON object per line).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +97,26 @@ pub fn text_documents(texts: &[String], tokenizer: &Tokenizer, prefix: i64) -> R
         .map(|text| {
             let ids = std::iter::once(prefix).chain(encode(tokenizer, text)?).collect();
             Ok(Document { ids, bytes: text.len() as u64 })
+        })
+        .collect()
+}
+
+/// The documents of a text file: the whole file, or each line's "text" of a JSONL file.
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+    if path.extension().is_none_or(|e| e != "jsonl") {
+        return Ok(vec![text]);
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(number, line)| {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| invalid_config(format!("{} line {}: {e}", path.display(), number + 1)))?;
+            value["text"].as_str().map(str::to_string).ok_or_else(|| {
+                invalid_config(format!("{} line {}: expected {{\"text\": \"...\"}}", path.display(), number + 1))
+            })
         })
         .collect()
 }
