@@ -6,6 +6,7 @@ mod program;
 mod relay;
 mod signals;
 mod slurm;
+mod slurm_job;
 mod supervise;
 
 use anyhow::{bail, Context, Result};

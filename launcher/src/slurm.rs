@@ -1,10 +1,12 @@
 //! `launcher slurm`: an sbatch script that runs the trainer's ranks with `srun --mpi=pmix`, forwards the preemption signal and requeues the job by exit status alone (75: requeue; 78: never).
+use crate::slurm_job::JobState;
 use anyhow::{bail, Context, Result};
 use launcher::protocol::{exit_code, INVALID_CONFIG, PREEMPTED};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// The port of node-local rank 0's metrics endpoint when the trainer's arguments do not set `metrics.port`.
 pub const DEFAULT_METRICS_PORT: u16 = 9400;
@@ -270,7 +272,10 @@ pub fn submit(batch: &Batch, wait: bool) -> Result<i32> {
         }
     }
     let status = child.wait().context("waiting for sbatch")?;
-    let code = exit_code(status);
+    let code = match (&job_id, wait) {
+        (Some(id), true) => final_exit_code(id, exit_code(status)),
+        _ => exit_code(status),
+    };
     match (&job_id, code) {
         (None, _) => bail!("sbatch did not submit the job (exit status {code})"),
         (Some(id), code) if wait && code != 0 => eprintln!("launcher: batch job {id} failed (exit status {code})"),
@@ -278,6 +283,23 @@ pub fn submit(batch: &Batch, wait: bool) -> Result<i32> {
         _ => {}
     }
     Ok(code)
+}
+
+/// The exit status of a job that `sbatch --wait` saw end with `sbatch_code`: the controller's record of the job once
+/// it is final. sbatch can return while the job requeues itself (its state between two runs); then the launcher waits
+/// for the requeued run. Where scontrol cannot tell, sbatch's status stands.
+fn final_exit_code(job_id: &str, sbatch_code: i32) -> i32 {
+    match JobState::wait_final(job_id, Duration::from_secs(2)) {
+        Some(state) if state.exit_code != sbatch_code => {
+            eprintln!(
+                "launcher: sbatch returned {sbatch_code}, but job {job_id} ended {} with exit status {}",
+                state.state, state.exit_code
+            );
+            state.exit_code
+        }
+        Some(state) => state.exit_code,
+        None => sbatch_code,
+    }
 }
 
 #[cfg(test)]
