@@ -24,6 +24,7 @@ pub mod report;
 pub mod run_lock;
 pub mod runlog;
 pub mod sampling;
+pub mod serve;
 pub mod step_sync;
 pub mod timing;
 pub mod topology;
