@@ -118,15 +118,12 @@ def test_greedy_serving_equals_transformers(smol, smollm2_dir, tmp_path):
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         ours = list(pool.map(ask, prompts))
-    for kind in ("plain", "chat"):
-        chosen = [p for p in prompts if ("prompt" in p) == (kind == "plain")]
-        path = tmp_path / f"{kind}.jsonl"
-        path.write_text("".join(json.dumps(p) + "\n" for p in chosen))
-        reference = run(REPO / ".venv" / "bin" / "python", REPO / "tests" / "reference" / "hf_generate.py",
-                        smollm2_dir, path, 32).stdout.splitlines()
-        for prompt, ids in zip(chosen, reference):
-            expected = tokenizer.decode(json.loads(ids), skip_special_tokens=True)
-            assert ours[prompts.index(prompt)] == expected, prompt
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    reference = run(REPO / ".venv" / "bin" / "python", REPO / "tests" / "reference" / "hf_generate.py",
+                    smollm2_dir, path, 32).stdout.splitlines()
+    for prompt, text, ids in zip(prompts, ours, reference):
+        assert text == tokenizer.decode(json.loads(ids), skip_special_tokens=True), prompt
 
 
 def test_sixteen_concurrent_requests_equal_each_alone(smol):
@@ -274,3 +271,13 @@ def test_load_of_200_requests_from_32_clients(tiny, tiny_checkpoint, tmp_path):
     assert metric(tiny, "trainer_serve_time_to_first_token_seconds_count") >= 200
     assert metric(tiny, "trainer_serve_completion_tokens_total") >= 200 * 24
     assert metric(tiny, "trainer_serve_requests_running") == 0
+
+
+def test_every_serving_panel_of_the_dashboard_reads_metrics_the_server_exposes(tiny):
+    dashboard = json.loads((REPO / "configs" / "grafana" / "dashboard.json").read_text())
+    row = [p for p in dashboard["panels"] if p["title"].startswith("Serving")]
+    assert row, "the dashboard has a Serving row"
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if "trainer_serve_" in t["expr"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", name) for e in exprs for name in re.findall(r"trainer_serve_\w+", e)}
+    exposed = set(re.findall(r"^# TYPE (trainer_serve_\w+)", httpx.get(f"{tiny.url}/metrics").text, re.MULTILINE))
+    assert len(used) >= 9 and used <= exposed, used - exposed
