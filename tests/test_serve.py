@@ -51,6 +51,13 @@ def metric(server, name: str, labels: str = "") -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def wait_for(condition, what: str, seconds: float = 10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.05)
+
+
 def streamed(chunks) -> tuple[str, list, object]:
     """The text, finish reasons and usage of a stream of chunks (completions or chat)."""
     text, finishes, usage = "", [], None
@@ -216,19 +223,14 @@ def test_api_key_body_limit_full_queue_and_a_client_that_leaves(tight):
     with httpx.Client(timeout=60) as first, first.stream("POST", url, json=long, headers=auth) as running:
         lines = running.iter_lines()
         assert next(lines).startswith("data: ")
-        assert metric(tight, "trainer_serve_requests_running") == 1
+        wait_for(lambda: metric(tight, "trainer_serve_requests_running") == 1, "the first request runs")
         assert metric(tight, "trainer_serve_kv_cache_tokens") > 0
         with httpx.Client(timeout=60) as second, second.stream("POST", url, json=long, headers=auth):
-            deadline = time.monotonic() + 10
-            while metric(tight, "trainer_serve_requests_waiting") < 1:
-                assert time.monotonic() < deadline, "the second request never waited"
-                time.sleep(0.05)
+            wait_for(lambda: metric(tight, "trainer_serve_requests_waiting") == 1, "the second request waits")
             assert error_of(httpx.post(url, json=body, headers=auth), 429)["code"] == "queue_full"
         # Both clients leave mid-stream: their places and cached tokens are freed at once.
-    deadline = time.monotonic() + 10
-    while metric(tight, "trainer_serve_requests_running") or metric(tight, "trainer_serve_kv_cache_tokens"):
-        assert time.monotonic() < deadline, "a client that left kept its slot"
-        time.sleep(0.05)
+    wait_for(lambda: metric(tight, "trainer_serve_requests_running") == 0
+             and metric(tight, "trainer_serve_kv_cache_tokens") == 0, "the slot of a client that left is freed")
     assert metric(tight, "trainer_serve_requests_waiting") == 0
     started = time.monotonic()
     assert client(tight, "sekret").completions.create(**body).choices[0].finish_reason in ("length", "stop")
@@ -270,7 +272,7 @@ def test_load_of_200_requests_from_32_clients(tiny, tiny_checkpoint, tmp_path):
     assert after - before == 200
     assert metric(tiny, "trainer_serve_time_to_first_token_seconds_count") >= 200
     assert metric(tiny, "trainer_serve_completion_tokens_total") >= 200 * 24
-    assert metric(tiny, "trainer_serve_requests_running") == 0
+    wait_for(lambda: metric(tiny, "trainer_serve_requests_running") == 0, "no request runs after the load")
 
 
 def test_every_serving_panel_of_the_dashboard_reads_metrics_the_server_exposes(tiny):

@@ -1,6 +1,6 @@
 //! `trainer generate`: continue prompts with a trained model (a checkpoint or a Hugging Face directory), on one rank or tensor-parallel over every rank of the job; rank 0 prints.
 use crate::comm::{Comm, GroupKind};
-use crate::config::{invalid_config, Dtype, InvalidConfig, TrainDevice};
+use crate::config::{invalid_config, Dtype, TrainDevice};
 use crate::decode::{generate, Completion, Mode, Request};
 use crate::inference::{encode, load_model, LoadedModel};
 use crate::sampling::SamplingParams;
@@ -174,7 +174,8 @@ fn generate_on_ranks(args: &GenerateArgs, prompts: Vec<Prompt>, comm: &Arc<Comm>
     if args.stop_token_ids.is_empty() && !args.ignore_eos {
         sampling.stop_token_ids = model.default_stop_token_ids(tokenizer.as_ref());
     }
-    let template = args.chat.then(|| model.chat_template().context(InvalidConfig("--chat".into()))).transpose()?;
+    let template =
+        args.chat.then(|| model.chat_template().map_err(|e| invalid_config(format!("--chat: {e}")))).transpose()?;
     let LoadedModel { engine, config, dir, .. } = model;
     let requests = prompts
         .iter()

@@ -42,7 +42,7 @@ impl LoadedModel {
                 Err(error) => errors.push(format!("{error}")),
             }
         }
-        Err(invalid_config(format!("the model has no chat template ({})", errors.join("; "))))
+        Err(anyhow::anyhow!("the model has no chat template ({})", errors.join("; ")))
     }
 
     /// The tokens that end a generation by default: the model's end-of-sequence ids, else the

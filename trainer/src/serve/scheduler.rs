@@ -201,8 +201,7 @@ impl Streams<'_> {
         }
         let stop_token = matches!(completion.stop_reason, Some(StopReason::Token(_)));
         let generated = completion.token_ids.len() + usize::from(stop_token);
-        let usage = Usage::new(stream.prompt_tokens, generated);
-        let _ = stream.events.send(Event::Done { text, finish_reason: completion.finish_reason, usage });
+        // Recorded before the client hears of the end, so that a scrape after the answer counts it.
         let first = stream.first_token.unwrap_or(now);
         let m = self.metrics;
         m.prompt_tokens.inc_by(stream.prompt_tokens as u64);
@@ -212,5 +211,7 @@ impl Streams<'_> {
         if generated > 1 {
             m.time_per_output_token.observe((now - first).as_secs_f64() / (generated - 1) as f64);
         }
+        let usage = Usage::new(stream.prompt_tokens, generated);
+        let _ = stream.events.send(Event::Done { text, finish_reason: completion.finish_reason, usage });
     }
 }
