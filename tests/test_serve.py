@@ -2,6 +2,7 @@
 greedy tokens on SmolLM2-135M-Instruct; batching does not change results; tensor-parallel serving; OpenAI-style
 errors; a client that leaves frees its slot; a full queue; a bounded load test on the tiny model."""
 import json
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,8 +128,9 @@ def test_greedy_serving_equals_transformers(smol, smollm2_dir, tmp_path):
         ours = list(pool.map(ask, prompts))
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    # One thread, as the server has: on a busy 2-core machine two threads take twice as long.
     reference = run(REPO / ".venv" / "bin" / "python", REPO / "tests" / "reference" / "hf_generate.py",
-                    smollm2_dir, path, 32).stdout.splitlines()
+                    smollm2_dir, path, 32, env=dict(os.environ, OMP_NUM_THREADS="1")).stdout.splitlines()
     for prompt, text, ids in zip(prompts, ours, reference):
         assert text == tokenizer.decode(json.loads(ids), skip_special_tokens=True), prompt
 
