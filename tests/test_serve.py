@@ -201,6 +201,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
     assert error_of(post({"model": "tiny", "prompt": [99999]}), 400)["param"] == "prompt"
     assert error_of(httpx.post(f"{tiny.url}/v1/chat/completions", json={"model": "tiny", "messages": "hi"}),
                     400)["param"] == "messages"
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    assert "no chat template" in error_of(httpx.post(f"{tiny.url}/v1/chat/completions", json=chat), 400)["message"]
     assert error_of(httpx.get(f"{tiny.url}/v1/nothing"), 404)["code"] == "not_found"
     ok = post({"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 4
