@@ -279,11 +279,18 @@ def test_load_of_200_requests_from_32_clients(tiny, tiny_checkpoint, tmp_path):
     wait_for(lambda: metric(tiny, "trainer_serve_requests_running") == 0, "no request runs after the load")
 
 
-def test_every_serving_panel_of_the_dashboard_reads_metrics_the_server_exposes(tiny):
+def test_every_serving_panel_of_the_dashboard_reads_metrics_the_server_exposes_and_promtool_accepts_them(tiny):
+    import shutil
+    import subprocess
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    assert httpx.get(f"{tiny.url}/v1/models").status_code == 200  # requests_total has a sample from then on
+    text = httpx.get(f"{tiny.url}/metrics").text
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, f"{check.stdout}\n{check.stderr}"
     dashboard = json.loads((REPO / "configs" / "grafana" / "dashboard.json").read_text())
     row = [p for p in dashboard["panels"] if p["title"].startswith("Serving")]
     assert row, "the dashboard has a Serving row"
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if "trainer_serve_" in t["expr"]]
     used = {re.sub(r"_(bucket|sum|count)$", "", name) for e in exprs for name in re.findall(r"trainer_serve_\w+", e)}
-    exposed = set(re.findall(r"^# TYPE (trainer_serve_\w+)", httpx.get(f"{tiny.url}/metrics").text, re.MULTILINE))
+    exposed = set(re.findall(r"^# TYPE (trainer_serve_\w+)", text, re.MULTILINE))
     assert len(used) >= 9 and used <= exposed, used - exposed
