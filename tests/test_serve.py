@@ -111,18 +111,20 @@ def test_openai_client_completions_and_chat_streamed_and_not(smol, smollm2_dir):
 
 
 def test_greedy_serving_equals_transformers(smol, smollm2_dir, tmp_path):
-    """Plain and chat prompts, 32 new tokens each, sent together: transformers' greedy tokens, as text."""
+    """Plain and chat prompts, 32 new tokens each, sent together: transformers' greedy tokens (vLLM's
+    `return_token_ids`) and their text."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     api = client(smol)
     prompts = [{"prompt": p} for p in PLAIN] + [{"messages": [{"role": "user", "content": c}]} for c in CHATS]
+    options = dict(model="smollm2", temperature=0, max_tokens=32, extra_body={"return_token_ids": True})
 
     def ask(prompt):
         if "prompt" in prompt:
-            return api.completions.create(model="smollm2", prompt=prompt["prompt"], temperature=0,
-                                          max_tokens=32).choices[0].text
-        return api.chat.completions.create(model="smollm2", messages=prompt["messages"], temperature=0,
-                                           max_tokens=32).choices[0].message.content
+            choice = api.completions.create(prompt=prompt["prompt"], **options).choices[0]
+            return choice.text, choice.prompt_token_ids, choice.token_ids
+        choice = api.chat.completions.create(messages=prompt["messages"], **options).choices[0]
+        return choice.message.content, choice.prompt_token_ids, choice.token_ids
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         ours = list(pool.map(ask, prompts))
@@ -131,8 +133,13 @@ def test_greedy_serving_equals_transformers(smol, smollm2_dir, tmp_path):
     # One thread, as the server has: on a busy 2-core machine two threads take twice as long.
     reference = run(REPO / ".venv" / "bin" / "python", REPO / "tests" / "reference" / "hf_generate.py",
                     smollm2_dir, path, 32, env=dict(os.environ, OMP_NUM_THREADS="1")).stdout.splitlines()
-    for prompt, text, ids in zip(prompts, ours, reference):
-        assert text == tokenizer.decode(json.loads(ids), skip_special_tokens=True), prompt
+    eos = 2  # <|im_end|>: transformers keeps it at the end of a finished answer, the server stops before it
+    for prompt, (text, prompt_ids, ids), theirs in zip(prompts, ours, reference):
+        theirs = json.loads(theirs)
+        assert ids == [t for t in theirs if t != eos], prompt
+        assert text == tokenizer.decode(theirs, skip_special_tokens=True), prompt
+        if "prompt" in prompt:
+            assert prompt_ids == tokenizer(prompt["prompt"]).input_ids
 
 
 def test_sixteen_concurrent_requests_equal_each_alone(smol):
@@ -152,15 +159,15 @@ def test_sixteen_concurrent_requests_equal_each_alone(smol):
 
 
 def test_tensor_parallel_serving_equals_one_rank(smol, smollm2_dir, tmp_path):
-    """SmolLM2 (9 heads) over 3 tensor-parallel ranks returns one rank's greedy output."""
+    """SmolLM2 (9 heads) over 3 tensor-parallel ranks returns one rank's greedy tokens."""
     api = client(smol)
     requests = [(p, 24) for p in PLAIN]
 
     def ask(api, request):
         prompt, tokens = request
         out = api.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=tokens,
-                                     extra_body={"ignore_eos": True})
-        return out.choices[0].text, out.usage.completion_tokens
+                                     extra_body={"ignore_eos": True, "return_token_ids": True})
+        return out.choices[0].text, out.choices[0].token_ids
 
     one = [ask(api, r) for r in requests]
     tp = Server(smollm2_dir, "--max-model-len", 256, ranks=3, name="smollm2", log=tmp_path / "tp3.log")

@@ -97,6 +97,10 @@ pub struct Sampling {
     pub logprobs: Option<Value>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
+    /// vLLM's extension: a whole (not streamed) answer's choice also holds `prompt_token_ids`
+    /// and `token_ids`.
+    #[serde(default)]
+    pub return_token_ids: bool,
 }
 
 /// `POST /v1/completions`: its own fields (the shared ones are [`Sampling`]).
@@ -231,8 +235,16 @@ impl Endpoint {
         }
     }
 
-    /// A whole response: one choice holding `text`.
-    pub fn response(self, head: &Head, text: &str, finish: FinishReason, usage: Usage) -> Value {
+    /// A whole response: one choice holding `text` and, when given, the prompt's and the
+    /// output's token ids.
+    pub fn response(
+        self,
+        head: &Head,
+        text: &str,
+        finish: FinishReason,
+        usage: Usage,
+        ids: Option<(&[i64], &[i64])>,
+    ) -> Value {
         let (object, choice) = match self {
             Endpoint::Completions => {
                 ("text_completion", json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}))
@@ -243,6 +255,11 @@ impl Endpoint {
                        "logprobs": null}),
             ),
         };
+        let mut choice = choice;
+        if let Some((prompt, output)) = ids {
+            choice["prompt_token_ids"] = json!(prompt);
+            choice["token_ids"] = json!(output);
+        }
         json!({"id": head.id, "object": object, "created": head.created, "model": head.model,
                "choices": [choice], "usage": usage})
     }

@@ -227,6 +227,7 @@ fn submit(
     request: Request,
 ) -> Result<Response, ApiError> {
     api::check(&request, &ready.limits)?;
+    let prompt = sampling.return_token_ids.then(|| request.prompt.clone());
     let number = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (events, receiver) = unbounded_channel();
     let job = Job { id: number as usize, request, events, enqueued: Instant::now() };
@@ -248,7 +249,7 @@ fn submit(
     let head = Head { id: endpoint.id(number), created: now(), model: shared.model.clone() };
     Ok(match sampling.stream {
         true => stream(endpoint, head, receiver, sampling.include_usage()).into_response(),
-        false => Whole { endpoint, head, receiver }.into_response(),
+        false => Whole { endpoint, head, receiver, prompt }.into_response(),
     })
 }
 
@@ -257,15 +258,18 @@ struct Whole {
     endpoint: Endpoint,
     head: Head,
     receiver: UnboundedReceiver<Event>,
+    /// The prompt's token ids, when the token ids are asked for.
+    prompt: Option<Vec<i64>>,
 }
 
 impl IntoResponse for Whole {
     fn into_response(self) -> Response {
-        let Whole { endpoint, head, mut receiver } = self;
+        let Whole { endpoint, head, mut receiver, prompt } = self;
         let body = async_stream_once(async move {
             while let Some(event) = receiver.recv().await {
-                if let Event::Done { text, finish_reason, usage } = event {
-                    return endpoint.response(&head, &text, finish_reason, usage).to_string();
+                if let Event::Done { text, token_ids, finish_reason, usage } = event {
+                    let ids = prompt.as_deref().map(|prompt| (prompt, token_ids.as_slice()));
+                    return endpoint.response(&head, &text, finish_reason, usage, ids).to_string();
                 }
             }
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "aborted", "the request was aborted")

@@ -30,7 +30,13 @@ pub struct Job {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Text(String),
-    Done { text: String, finish_reason: FinishReason, usage: Usage },
+    /// The whole text and the generated token ids (a stop token not included).
+    Done {
+        text: String,
+        token_ids: Vec<i64>,
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
 }
 
 /// One iteration's work, the same on every rank: requests that leave (their client is gone),
@@ -212,6 +218,7 @@ impl Streams<'_> {
             m.time_per_output_token.observe((now - first).as_secs_f64() / (generated - 1) as f64);
         }
         let usage = Usage::new(stream.prompt_tokens, generated);
-        let _ = stream.events.send(Event::Done { text, finish_reason: completion.finish_reason, usage });
+        let (token_ids, finish_reason) = (completion.token_ids, completion.finish_reason);
+        let _ = stream.events.send(Event::Done { text, token_ids, finish_reason, usage });
     }
 }
