@@ -153,3 +153,57 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
                 time.sleep(0.1)
             if Path(f"/proc/{pid}").exists():
                 os.kill(pid, 9)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(fortunes_data, tmp_path_factory) -> Path:
+    """The tiny model after 10 steps on one rank (its outputs differ from prompt to prompt): a checkpoint directory."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    args = [binary("trainer"), "train", "--config", REPO / "configs" / "tiny.toml"]
+    for item in [f"data.path={fortunes_data}", f"train.run_dir={run_dir}", "train.threads=1", "train.steps=10",
+                 "train.seq_len=64", "train.global_batch=4", "train.micro_batch=4", "train.eval_every=0",
+                 "optim.warmup_steps=2", "train.sample_tokens=0"]:
+        args += ["--set", item]
+    run(*args)
+    return run_dir / "checkpoints"
+
+
+class Server:
+    """A `trainer serve` process (under `launcher run` for several ranks) on a free port of 127.0.0.1, ready
+    (/health answered 200); `stop()` ends it by its own pid."""
+
+    def __init__(self, model, *options, ranks: int = 1, name: str = "model", log: Path):
+        import time
+        import urllib.error
+        import urllib.request
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = name
+        args = ["serve", "--model", model, "--served-model-name", name, "--port", self.port, "--threads", 1,
+                *options]
+        command = [binary("trainer"), *args] if ranks == 1 else [binary("launcher"), "run", "--nproc", ranks, "--",
+                                                                  *args]
+        self.log = log
+        self.process = subprocess.Popen([str(a) for a in command], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        self.health_seen = set()  # the statuses of /health while it started
+        while True:
+            assert self.process.poll() is None, f"the server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not become ready:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    self.health_seen.add(response.status)
+                    return
+            except urllib.error.HTTPError as error:
+                self.health_seen.add(error.code)
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

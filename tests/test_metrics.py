@@ -64,13 +64,15 @@ def substitute(expr: str, rank: str = ".*") -> str:
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, expr) of every target of every panel, rows included."""
+    """(panel title, expr) of every target of every panel, rows included, but the serving panels (`trainer serve`'s
+    metrics, which a training run has not; tests/test_serve.py checks them against a server)."""
     def walk(panels):
         for panel in panels:
             yield panel
             yield from walk(panel.get("panels", []))
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(p["title"], t["expr"]) for p in walk(dashboard["panels"]) for t in p.get("targets", [])]
+    return [(p["title"], t["expr"]) for p in walk(dashboard["panels"]) for t in p.get("targets", [])
+            if "trainer_serve_" not in t["expr"]]
 
 
 @dataclass

@@ -70,6 +70,50 @@ pub struct DecodeStats {
     pub decode_steps: u64,
 }
 
+/// What a request must fit: the vocabulary, the context (cache capacity) and whether there is a
+/// tokenizer; known without the decoder (the HTTP thread of `trainer serve` checks with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub vocab: i64,
+    /// The most prompt and output tokens of one request.
+    pub capacity: i64,
+    /// The model's `max_seq_len` (named when it is the capacity).
+    pub max_seq_len: i64,
+    pub tokenizer: bool,
+}
+
+impl Limits {
+    /// Valid parameters, prompt tokens in the vocabulary, prompt and output within the
+    /// capacity, stop strings only with a tokenizer.
+    pub fn check(&self, request: &Request) -> Result<()> {
+        request.params.validate()?;
+        let vocab = self.vocab;
+        let prompt = request.prompt.len() as i64;
+        if prompt == 0 {
+            return Err(crate::config::invalid_config("the prompt is empty (no tokens)"));
+        }
+        if let Some(bad) = request.prompt.iter().chain(&request.params.stop_token_ids).find(|&&t| t < 0 || t >= vocab) {
+            return Err(crate::config::invalid_config(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        let capacity = self.capacity;
+        if prompt + request.params.max_tokens > capacity {
+            let context = if capacity == self.max_seq_len { " (model.max_seq_len)" } else { "" };
+            return Err(crate::config::invalid_config(format!(
+                "max_tokens = {} after a prompt of {prompt} tokens exceeds the context of {capacity} tokens{context}; \
+                 lower max_tokens to at most {} or shorten the prompt",
+                request.params.max_tokens,
+                (capacity - prompt).max(0)
+            )));
+        }
+        if !request.params.stop.is_empty() && !self.tokenizer {
+            return Err(crate::config::invalid_config("stop strings need the model's tokenizer"));
+        }
+        Ok(())
+    }
+}
+
 /// A running request.
 #[derive(Debug)]
 struct Running {
@@ -109,6 +153,14 @@ impl<'a> Decoder<'a> {
         Ok(Decoder { engine, tokenizer, cache, slots, mode, stats: DecodeStats::default() })
     }
 
+    pub fn free_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_none()).count()
+    }
+
+    pub fn tokenizer(&self) -> Option<&'a Tokenizer> {
+        self.tokenizer
+    }
+
     pub fn has_free_slot(&self) -> bool {
         self.slots.iter().any(Option::is_none)
     }
@@ -121,35 +173,45 @@ impl<'a> Decoder<'a> {
         self.stats
     }
 
-    /// Checks a request against this decoder: valid parameters, prompt tokens in the
-    /// vocabulary, prompt and output within the capacity, stop strings only with a tokenizer.
+    /// The running requests: their ids and the tokens generated so far.
+    pub fn running(&self) -> impl Iterator<Item = (usize, &[i64])> {
+        self.slots.iter().flatten().map(|r| (r.id, r.output.as_slice()))
+    }
+
+    /// Ends the running request `id` now (its client left): its slot and cached tokens are
+    /// free at once. Returns whether it was running. Every rank must call it alike.
+    pub fn cancel(&mut self, id: usize) -> bool {
+        let Some(slot) = self.slots.iter().position(|r| r.as_ref().is_some_and(|r| r.id == id)) else { return false };
+        self.slots[slot] = None;
+        self.cache.reset(slot);
+        true
+    }
+
+    /// Tokens held in the cache and the most it can hold (all slots at capacity).
+    pub fn cache_usage(&self) -> (i64, i64) {
+        let used = (0..self.cache.slots()).map(|slot| self.cache.length(slot)).sum();
+        (used, self.cache.slots() as i64 * self.cache.capacity())
+    }
+
+    /// The decoder's context: the most prompt and output tokens one request can have.
+    pub fn capacity(&self) -> i64 {
+        self.cache.capacity()
+    }
+
+    /// What a request must fit: this decoder's vocabulary, context and tokenizer.
+    pub fn limits(&self) -> Limits {
+        let config = self.engine.model.config();
+        Limits {
+            vocab: config.vocab_size,
+            capacity: self.cache.capacity(),
+            max_seq_len: config.max_seq_len,
+            tokenizer: self.tokenizer.is_some(),
+        }
+    }
+
+    /// Checks a request against this decoder (see [`Limits::check`]).
     pub fn check(&self, request: &Request) -> Result<()> {
-        request.params.validate()?;
-        let vocab = self.engine.model.config().vocab_size;
-        let prompt = request.prompt.len() as i64;
-        if prompt == 0 {
-            return Err(crate::config::invalid_config("the prompt is empty (no tokens)"));
-        }
-        if let Some(bad) = request.prompt.iter().chain(&request.params.stop_token_ids).find(|&&t| t < 0 || t >= vocab) {
-            return Err(crate::config::invalid_config(format!(
-                "token id {bad} is outside the vocabulary (0..{vocab})"
-            )));
-        }
-        let capacity = self.cache.capacity();
-        if prompt + request.params.max_tokens > capacity {
-            let model = self.engine.model.config().max_seq_len;
-            let context = if capacity == model { " (model.max_seq_len)" } else { "" };
-            return Err(crate::config::invalid_config(format!(
-                "max_tokens = {} after a prompt of {prompt} tokens exceeds the context of {capacity} tokens{context}; \
-                 lower max_tokens to at most {} or shorten the prompt",
-                request.params.max_tokens,
-                (capacity - prompt).max(0)
-            )));
-        }
-        if !request.params.stop.is_empty() && self.tokenizer.is_none() {
-            return Err(crate::config::invalid_config("stop strings need the model's tokenizer"));
-        }
-        Ok(())
+        self.limits().check(request)
     }
 
     /// Prefills `request`'s prompt into a free slot and chooses its first token; returns its
@@ -241,6 +303,7 @@ impl<'a> Decoder<'a> {
             };
             if let Some((finish_reason, stop_reason, text)) = end {
                 let r = self.slots[slot].take().expect("a running slot");
+                self.cache.reset(slot);
                 let text = match text {
                     Some(text) => Some(text),
                     None => self.text(&r.output)?,

@@ -1,15 +1,15 @@
 //! `trainer generate`: continue prompts with a trained model (a checkpoint or a Hugging Face directory), on one rank or tensor-parallel over every rank of the job; rank 0 prints.
 use crate::comm::{Comm, GroupKind};
-use crate::config::{invalid_config, Config, Dtype, TrainDevice};
+use crate::config::{invalid_config, Dtype, TrainDevice};
 use crate::decode::{generate, Completion, Mode, Request};
-use crate::inference::{load_model, LoadedModel};
+use crate::inference::{encode, load_model, LoadedModel};
 use crate::sampling::SamplingParams;
 use anyhow::{Context, Result};
 use data_shards::{ChatTemplate, Message};
 use launcher::protocol;
 use serde::Deserialize;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokenizers::Tokenizer;
@@ -167,19 +167,16 @@ fn generate_on_ranks(args: &GenerateArgs, prompts: Vec<Prompt>, comm: &Arc<Comm>
     if device.is_cuda() && !tch::Cuda::is_available() {
         return Err(invalid_config(format!("--device {}: no CUDA device is visible", args.device)));
     }
-    let LoadedModel { engine, config, dir, tokenizer, eos_token_ids } =
-        load_model(&args.model, comm.clone(), device, args.dtype)?;
-    let tokenizer = tokenizer.map(|path| data_shards::load_tokenizer(&path)).transpose()?;
+    let model = load_model(&args.model, comm.clone(), device, args.dtype)?;
+    let tokenizer = model.tokenizer.as_ref().map(|path| data_shards::load_tokenizer(path)).transpose()?;
     let leader = comm.topology.rank == 0;
     let mut sampling = args.sampling();
     if args.stop_token_ids.is_empty() && !args.ignore_eos {
-        sampling.stop_token_ids = eos_token_ids;
-        let eos = tokenizer.as_ref().and_then(|t| t.token_to_id(data_shards::tokenize::DEFAULT_EOS));
-        if sampling.stop_token_ids.is_empty() {
-            sampling.stop_token_ids.extend(eos.map(i64::from));
-        }
+        sampling.stop_token_ids = model.default_stop_token_ids(tokenizer.as_ref());
     }
-    let template = args.chat.then(|| chat_template(&dir, &config)).transpose()?;
+    let template =
+        args.chat.then(|| model.chat_template().map_err(|e| invalid_config(format!("--chat: {e}")))).transpose()?;
+    let LoadedModel { engine, config, dir, .. } = model;
     let requests = prompts
         .iter()
         .map(|p| {
@@ -216,22 +213,6 @@ fn generate_on_ranks(args: &GenerateArgs, prompts: Vec<Prompt>, comm: &Arc<Comm>
     crate::comm::wait_all([comm.barrier(GroupKind::World)])
 }
 
-/// A prompt's token ids: as given, or its text through the tokenizer (with the special tokens
-/// the tokenizer adds, as `transformers` does).
-/// The chat template of the model in `dir`: its own files (a Hugging Face directory), else
-/// those of the Hugging Face model its training started from.
-fn chat_template(dir: &Path, config: &Config) -> Result<ChatTemplate> {
-    let candidates = std::iter::once(dir).chain(config.checkpoint.init_from_hf.as_deref());
-    let mut errors = Vec::new();
-    for candidate in candidates {
-        match ChatTemplate::from_model_dir(candidate) {
-            Ok(template) => return Ok(template),
-            Err(error) => errors.push(format!("{error}")),
-        }
-    }
-    Err(invalid_config(format!("--chat: the model has no chat template ({})", errors.join("; "))))
-}
-
 /// A prompt's token ids: given, or text encoded as transformers does (with the tokenizer's
 /// special tokens), or chat messages rendered by the template (which writes the special tokens).
 fn prompt_ids(prompt: &Prompt, tokenizer: Option<&Tokenizer>, template: Option<&ChatTemplate>) -> Result<Vec<i64>> {
@@ -243,14 +224,10 @@ fn prompt_ids(prompt: &Prompt, tokenizer: Option<&Tokenizer>, template: Option<&
             "the model has no tokenizer.json: give prompts as {\"prompt_token_ids\": [...]} in --prompts-file",
         )
     })?;
-    let (text, special) = match (&prompt.messages, template) {
-        (Some(messages), Some(template)) => (template.render(messages, true)?, false),
-        _ => (prompt.prompt.clone().unwrap_or_default(), true),
-    };
-    let encoding = tokenizer
-        .encode(text.as_str(), special)
-        .map_err(|e| anyhow::anyhow!("cannot encode the prompt {text:?}: {e}"))?;
-    Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+    match (&prompt.messages, template) {
+        (Some(messages), Some(template)) => encode(tokenizer, &template.render(messages, true)?, false),
+        _ => encode(tokenizer, prompt.prompt.as_deref().unwrap_or_default(), true),
+    }
 }
 
 fn print_completion(prompt: &Prompt, ids: &[i64], completion: &Completion, as_json: bool) {

@@ -7,10 +7,12 @@ use crate::hf::HfWeights;
 use crate::model::{segment_specs, TpShard};
 use crate::params::FlatParams;
 use anyhow::{Context, Result};
+use data_shards::ChatTemplate;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Device;
+use tokenizers::Tokenizer;
 
 /// A model loaded for inference.
 #[derive(Debug)]
@@ -26,6 +28,40 @@ pub struct LoadedModel {
     pub tokenizer: Option<PathBuf>,
     /// The end-of-sequence ids the model's files name (Hugging Face `eos_token_id`), if any.
     pub eos_token_ids: Vec<i64>,
+}
+
+impl LoadedModel {
+    /// The model's chat template: its own files (a Hugging Face directory), else those of the
+    /// Hugging Face model its training started from.
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        let candidates = std::iter::once(self.dir.as_path()).chain(self.config.checkpoint.init_from_hf.as_deref());
+        let mut errors = Vec::new();
+        for candidate in candidates {
+            match ChatTemplate::from_model_dir(candidate) {
+                Ok(template) => return Ok(template),
+                Err(error) => errors.push(format!("{error}")),
+            }
+        }
+        Err(anyhow::anyhow!("the model has no chat template ({})", errors.join("; ")))
+    }
+
+    /// The tokens that end a generation by default: the model's end-of-sequence ids, else the
+    /// tokenizer's `<|endoftext|>`.
+    pub fn default_stop_token_ids(&self, tokenizer: Option<&Tokenizer>) -> Vec<i64> {
+        if !self.eos_token_ids.is_empty() {
+            return self.eos_token_ids.clone();
+        }
+        let eos = tokenizer.and_then(|t| t.token_to_id(data_shards::tokenize::DEFAULT_EOS));
+        eos.map(i64::from).into_iter().collect()
+    }
+}
+
+/// `text`'s token ids, with the tokenizer's special tokens when `special` (as `transformers`
+/// encodes a plain prompt; a rendered chat template writes its own).
+pub fn encode(tokenizer: &Tokenizer, text: &str, special: bool) -> Result<Vec<i64>> {
+    let encoding =
+        tokenizer.encode(text, special).map_err(|e| anyhow::anyhow!("cannot encode the prompt {text:?}: {e}"))?;
+    Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
 }
 
 /// Loads the model at `source` onto `device`, split over `comm`'s tensor-parallel group:

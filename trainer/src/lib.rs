@@ -26,6 +26,7 @@ pub mod run_lock;
 pub mod runlog;
 pub mod sampling;
 pub mod scoring;
+pub mod serve;
 pub mod step_sync;
 pub mod timing;
 pub mod topology;

@@ -85,6 +85,9 @@ enum Command {
     /// Continue prompts with a trained model (a checkpoint or a Hugging Face directory); under
     /// `launcher run --nproc N` the model is split tensor-parallel over the N ranks.
     Generate(trainer::generate::GenerateArgs),
+    /// Serve a trained model over an OpenAI-compatible HTTP API (completions, chat, streaming,
+    /// continuous batching); under `launcher run --nproc N` split tensor-parallel over N ranks.
+    Serve(trainer::serve::ServeArgs),
     /// Judge a model: loss, perplexity and bits per byte on text or a token dataset, accuracy on multiple-choice tasks.
     Eval(trainer::eval::EvalArgs),
     /// Print what this build finds on this machine: CUDA devices, the MPI library, NCCL.
@@ -174,6 +177,7 @@ fn run(command: Command) -> Result<Outcome> {
         Command::ExportHf { checkpoint, output } => trainer::export::from_checkpoint(&checkpoint, &output)?,
         Command::Generate(args) => trainer::generate::run(&args)?,
         Command::Eval(args) => trainer::eval::run(&args)?,
+        Command::Serve(args) => trainer::serve::run(&args)?,
         Command::Env => {
             println!("libtorch threads: {}", tch::get_num_threads());
             println!("cuda devices: {}", tch::Cuda::device_count());

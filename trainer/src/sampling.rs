@@ -11,7 +11,7 @@ use std::hash::{BuildHasher, Hasher};
 use tch::{Kind, Tensor};
 
 /// How one request's tokens are chosen and when its generation stops.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// At most this many new tokens.
     pub max_tokens: i64,

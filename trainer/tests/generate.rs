@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tch::{Kind, Tensor};
 use trainer::comm::Comm;
 use trainer::config::Config;
-use trainer::decode::{generate, FinishReason, Mode, Request, StopReason};
+use trainer::decode::{generate, Decoder, FinishReason, Mode, Request, StopReason};
 use trainer::engine::Engine;
 use trainer::kv_cache::KvCache;
 use trainer::sampling::{process_logits, repetition_penalty, SamplingParams};
@@ -196,4 +196,25 @@ fn logits_processors_equal_transformers() {
             assert!(diff <= 1e-6, "{name}, row {row}: logits differ by {diff:e}");
         }
     }
+}
+
+#[test]
+fn a_cancelled_request_frees_its_slot_and_cache_at_once_and_the_others_continue_unchanged() {
+    let engine = engine(&[]);
+    let greedy = |prompt: &[i64]| request(prompt, SamplingParams::greedy(6));
+    let (a, b) = (random_tokens(5, 1), random_tokens(9, 2));
+    let (alone, _) = generate(&engine, None, vec![greedy(&b)], 1, Mode::KvCache).unwrap();
+    let mut decoder = Decoder::new(&engine, None, 2, 32, Mode::KvCache).unwrap();
+    assert!(decoder.add(0, greedy(&a)).unwrap().is_none() && decoder.add(1, greedy(&b)).unwrap().is_none());
+    decoder.step().unwrap();
+    assert_eq!((decoder.cache_usage(), decoder.free_slots()), ((5 + 9 + 2, 64), 0));
+    assert!(decoder.cancel(0) && !decoder.cancel(0));
+    assert_eq!((decoder.cache_usage(), decoder.free_slots()), ((9 + 1, 64), 1));
+    assert_eq!(decoder.running().map(|(id, output)| (id, output.len())).collect::<Vec<_>>(), [(1, 2)]);
+    let mut finished = Vec::new();
+    while !decoder.is_idle() {
+        finished.extend(decoder.step().unwrap());
+    }
+    assert_eq!(finished[0].token_ids, alone[0].token_ids);
+    assert_eq!(decoder.cache_usage(), (0, 64), "a finished request's cached tokens are freed");
 }

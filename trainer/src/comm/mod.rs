@@ -190,6 +190,20 @@ impl Comm {
         self.submit(group, Op::Broadcast { tensor: tensor.shallow_clone(), root })
     }
 
+    /// `root`'s `bytes` (ignored on the other ranks) to every rank of the group, through two
+    /// CPU broadcasts (the length, then the bytes); blocks until they have arrived.
+    pub fn broadcast_bytes(&self, group: GroupKind, bytes: &[u8], root: usize) -> Result<Vec<u8>> {
+        let length = Tensor::from_slice(&[bytes.len() as i64]);
+        self.broadcast(group, &length, root).wait()?;
+        let length = usize::try_from(length.int64_value(&[0])).context("a negative broadcast length")?;
+        let buffer = match bytes.len() == length {
+            true => Tensor::from_slice(bytes),
+            false => Tensor::zeros([length as i64], (tch::Kind::Uint8, Device::Cpu)),
+        };
+        self.broadcast(group, &buffer, root).wait()?;
+        Ok(Vec::<u8>::try_from(&buffer)?)
+    }
+
     pub fn barrier(&self, group: GroupKind) -> Pending {
         self.submit(group, Op::Barrier)
     }

@@ -36,7 +36,8 @@ fn datatype(kind: Kind) -> Result<ffi::MPI_Datatype> {
             Kind::Float => ffi::RSMPI_FLOAT,
             Kind::Double => ffi::RSMPI_DOUBLE,
             Kind::Int64 => ffi::RSMPI_INT64_T,
-            other => bail!("MPI collectives support bf16, f16, f32, f64 and int64 CPU tensors, not {other:?}"),
+            Kind::Uint8 => ffi::RSMPI_UINT8_T,
+            other => bail!("MPI collectives support bf16, f16, f32, f64, int64 and uint8 CPU tensors, not {other:?}"),
         }
     })
 }

@@ -10,25 +10,25 @@ use tracing::warn;
 /// Label values of the collective operations, as `comm/` names them.
 pub(super) const OPERATIONS: [&str; 5] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"];
 
-pub(super) fn gauge(registry: &Registry, name: &str, help: &str) -> Result<Gauge> {
+pub fn gauge(registry: &Registry, name: &str, help: &str) -> Result<Gauge> {
     let gauge = Gauge::with_opts(Opts::new(name, help))?;
     registry.register(Box::new(gauge.clone()))?;
     Ok(gauge)
 }
 
-pub(super) fn int_gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge> {
+pub fn int_gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge> {
     let gauge = IntGauge::with_opts(Opts::new(name, help))?;
     registry.register(Box::new(gauge.clone()))?;
     Ok(gauge)
 }
 
-pub(super) fn int_counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter> {
+pub fn int_counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter> {
     let counter = IntCounter::with_opts(Opts::new(name, help))?;
     registry.register(Box::new(counter.clone()))?;
     Ok(counter)
 }
 
-pub(super) fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram> {
+pub fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram> {
     let histogram = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
     registry.register(Box::new(histogram.clone()))?;
     Ok(histogram)
