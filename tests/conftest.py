@@ -135,3 +135,16 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
                 time.sleep(0.1)
             if Path(f"/proc/{pid}").exists():
                 os.kill(pid, 9)
+
+
+@pytest.fixture(scope="session")
+def netns_cluster(tmp_path_factory):
+    """Three hosts, each a network namespace of this machine on a private bridge (tests/cluster.py), reached through
+    scripts/netns-rsh as through ssh. Torn down at the end, also after a failure: every process in them killed, the
+    namespaces, links and bridge deleted."""
+    from cluster import Cluster
+    cluster = Cluster(3, tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster.up()
+    finally:
+        cluster.down()
