@@ -2,7 +2,9 @@
 import json
 import shutil
 import subprocess
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,149 @@ def test_two_host_checkpoint_resumes_on_another_layout(netns_cluster, fortunes_d
     result = launch(netns_cluster, netns_cluster.hosts[:hosts], slots, trainer_args(fortunes_data, run_dir, layout))
     assert "resumed from" in result.stderr and "(step 5, saved by 4 ranks with tensor parallel 2)" in result.stderr
     assert_same_training(run_dir, single, first_step=6, weights_within=SINGLE_RANK_WEIGHTS)
+
+
+LOSS_STEPS = 40
+# 3 hosts x TP2 = DP3, then 2 hosts = DP2: 12 sequences per step either way (2 or 3 micro-batches of 2 per rank).
+LOSS_RUN = [f"train.steps={LOSS_STEPS}", "parallel.tensor=2", "train.global_batch=12", "train.micro_batch=2",
+            "train.eval_every=0", "checkpoint.every=3", "parallel.collective_timeout_s=5"]
+
+
+@pytest.fixture(scope="module")
+def single_long(fortunes_data, tmp_path_factory) -> Path:
+    """The uninterrupted one-rank run the node-loss runs are held to."""
+    run_dir = tmp_path_factory.mktemp("single-long") / "run"
+    run(binary("trainer"), *trainer_args(fortunes_data, run_dir, *LOSS_RUN, "parallel.tensor=1"))
+    return run_dir
+
+
+def lose_a_host_mid_run(cluster, run_dir: Path, args: list, *flags, link_first=False):
+    """Starts the job on the 3 hosts, and once it has logged 8 steps kills every process of the third host and takes
+    its link down (with `link_first`, the link goes first and the processes only once a survivor has reported its
+    collective timeout); returns how the launcher ended and the last step logged before the loss."""
+    lost = cluster.hosts[2]
+    hostfile = cluster.hostfile(cluster.workdir / f"hostfile-{time.monotonic_ns()}", cluster.hosts, 2)
+    command = [str(a) for a in [binary("launcher"), "run", "--hostfile", hostfile, *flags, "--", *args]]
+    launcher = subprocess.Popen(command, env=cluster.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(launcher.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists() or len(records(run_dir)) < 8:
+            assert launcher.poll() is None and time.time() < deadline, "".join(err)
+            time.sleep(0.05)
+        cluster.link(lost, "down")
+        before = records(run_dir)[-1]["step"]
+        if link_first:
+            deadline = time.time() + 60
+            while not any("timed out after" in line for line in err):
+                assert launcher.poll() is None and time.time() < deadline, "".join(err)
+                time.sleep(0.05)
+        cluster.kill(lost)
+        launcher.wait(timeout=300)
+        reader.join(timeout=30)
+        return subprocess.CompletedProcess(command, launcher.returncode, "", "".join(err)), before
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        cluster.link(lost, "up")
+
+
+def test_elastic_job_loses_a_host_and_finishes_on_the_others(netns_cluster, fortunes_data, single_long, tmp_path):
+    run_dir = tmp_path / "run"
+    result, before = lose_a_host_mid_run(netns_cluster, run_dir, trainer_args(fortunes_data, run_dir, *LOSS_RUN),
+                                         "--elastic", "--max-restarts", 2, "--restart-backoff", 0.5,
+                                         "--lost-host-grace", 5)
+    lost = netns_cluster.hosts[2].address
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert f"lost host(s): {lost}" in result.stderr, result.stderr[-5000:]
+    kept = f"{netns_cluster.hosts[0].address}, {netns_cluster.hosts[1].address}"
+    assert f"starting 4 rank(s) on the 2 host(s) that do: {kept}" in result.stderr, result.stderr[-5000:]
+    assert "world=4 tensor_parallel=2 data_parallel=2" in result.stderr
+    # The restart resumed from a checkpoint saved before the loss (an async save of the newest may not have been
+    # committed when the host went), not from the start and not past where it was.
+    resumed = [int(line.split("(step ")[1].split(",")[0]) for line in result.stderr.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and resumed[0] % 3 == 0 and 3 <= resumed[0] <= before, (resumed, before)
+    # No step lost or repeated, and every step is the uninterrupted one-rank run's (the data cursor continued).
+    history = records(run_dir)
+    assert [r["step"] for r in history] == list(range(1, LOSS_STEPS + 1))
+    for got, want in zip(history, records(single_long)):
+        assert relative(got["loss"], want["loss"]) <= 1e-9, (got, want)
+
+
+def test_without_elastic_the_failure_names_the_lost_host(netns_cluster, fortunes_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result, _ = lose_a_host_mid_run(netns_cluster, run_dir, trainer_args(fortunes_data, run_dir, *LOSS_RUN),
+                                    "--lost-host-grace", 5, link_first=True)
+    assert result.returncode != 0
+    lost = netns_cluster.hosts[2].address
+    failed = [line for line in result.stderr.splitlines() if line.startswith("launcher: job failed (")]
+    assert len(failed) == 1 and f"; lost host(s): {lost} (no answer within 5 s)" in failed[0], result.stderr[-5000:]
+    # A survivor on another host, waiting on the lost host's ranks over TCP, failed within the collective timeout
+    # naming itself, the operation and the group.
+    timeouts = [line for line in result.stderr.splitlines() if "timed out after 5.0s" in line]
+    assert timeouts and "error: rank " in timeouts[0] and " group: " in timeouts[0], result.stderr[-5000:]
+    assert any(op in timeouts[0] for op in ("all_reduce(Sum) of ", "reduce_scatter of ", "all_gather into ")), timeouts
+
+
+def test_prometheus_scrapes_every_rank_of_both_hosts_through_file_sd(netns_cluster, fortunes_data, tmp_path):
+    """Each host's ranks serve metrics on that host's address (the same ports on every host); the launcher writes
+    every host:port to the file-SD targets that a real Prometheus in the root namespace follows."""
+    from test_metrics import free_port, http_get, tool
+    hosts = netns_cluster.hosts[:2]
+    targets, port = tmp_path / "targets.json", 9400
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: trainer\n"
+                      f"    file_sd_configs:\n      - files: ['{targets}']\n")
+    prom_port = free_port()
+    api = f"http://127.0.0.1:{prom_port}"
+    prom_log = open(tmp_path / "prometheus.log", "w")
+    prom = subprocess.Popen([tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+                            stdout=prom_log, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "run"
+    hostfile = netns_cluster.hostfile(tmp_path / "hostfile", hosts, 2)
+    args = trainer_args(fortunes_data, run_dir, "parallel.tensor=2", "train.steps=2000", "train.eval_every=0",
+                        "metrics.enabled=true", "metrics.address=0.0.0.0", f"metrics.port={port}")
+    command = [str(a) for a in [binary("launcher"), "run", "--hostfile", hostfile, "--prometheus-targets", targets,
+                                "--", *args]]
+    launcher = subprocess.Popen(command, env=netns_cluster.env(), stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "launcher.err", "w"))
+
+    def query(expr: str) -> list[dict]:
+        url = f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        return json.loads(http_get(url))["data"]["result"]
+
+    try:
+        expected = {f"{h.address}:{port + r}" for h in hosts for r in range(2)}
+        deadline = time.time() + 120
+        while True:
+            assert launcher.poll() is None and prom.poll() is None, (tmp_path / "launcher.err").read_text()[-3000:]
+            assert time.time() < deadline, (tmp_path / "launcher.err").read_text()[-3000:]
+            try:
+                stepped = query("trainer_step >= 3")
+            except OSError:
+                stepped = []
+            if {s["metric"]["instance"] for s in stepped} == expected:
+                break
+            time.sleep(0.5)
+        assert set(json.loads(targets.read_text())[0]["targets"]) == expected
+        assert {s["metric"]["rank"] for s in stepped} == {"0", "1", "2", "3"}
+        by_rank = {s["metric"]["rank"]: s["metric"]["instance"] for s in stepped}
+        # Ranks 0-1 (one tensor-parallel group) on the first host, 2-3 on the second.
+        assert [by_rank[str(r)].split(":")[0] for r in range(4)] == [hosts[0].address] * 2 + [hosts[1].address] * 2
+        assert {s["metric"]["instance"] for s in query('up{job="trainer"} == 1')} == expected
+    finally:
+        launcher.terminate()
+        try:
+            launcher.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+        prom.terminate()
+        prom.wait(timeout=30)
+        prom_log.close()
+

@@ -2,8 +2,10 @@
 use crate::hostfile::{self, Host};
 use crate::mpirun::Job;
 use crate::probe::Prober;
+use crate::watch::Watch;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 
 /// Where the job runs and what the launcher does when a host is lost.
 pub struct Cluster {
@@ -35,7 +37,7 @@ impl Remote {
     }
 }
 
-fn names(hosts: &[Host]) -> String {
+fn listed(hosts: &[Host]) -> String {
     hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
@@ -50,14 +52,20 @@ impl Cluster {
         Cluster { hosts, remote: Some(remote), targets }
     }
 
+    fn names(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.name.clone()).collect()
+    }
+
     /// Sets where the next run of `job` goes: with `--elastic`, the hosts that answer (asked now, unless a failure
     /// just asked), each with all its slots, in the hostfile's order; then writes the run's Prometheus targets.
-    pub fn place(&mut self, job: &mut Job) -> Result<()> {
+    /// Returns the watch over the run's hosts (hostfile jobs).
+    pub fn place(&mut self, job: &mut Job) -> Result<Option<Watch>> {
+        let names = self.names();
         let hosts: Vec<Host> = match &mut self.remote {
             Some(remote) if remote.elastic => {
                 let answering = match remote.answering.take() {
                     Some(answering) => answering,
-                    None => remote.prober.answering(&self.hosts.iter().map(|h| h.name.clone()).collect::<Vec<_>>())?,
+                    None => remote.prober.answering(&names, &AtomicBool::new(false))?,
                 };
                 let pick = |answers: bool| -> Vec<Host> {
                     self.hosts.iter().zip(&answering).filter(|(_, &a)| a == answers).map(|(h, _)| h.clone()).collect()
@@ -69,7 +77,7 @@ impl Cluster {
                          job; bring the hosts back and run it again",
                         live.len(),
                         self.hosts.len(),
-                        names(&lost),
+                        listed(&lost),
                         remote.min_hosts
                     );
                 }
@@ -77,11 +85,11 @@ impl Cluster {
                     eprintln!(
                         "launcher: host(s) {} do not answer within {:.0} s; starting {} rank(s) on the {} host(s) that \
                          do: {}",
-                        names(&lost),
+                        listed(&lost),
                         remote.prober.timeout.as_secs_f64(),
                         hostfile::total_slots(&live),
                         live.len(),
-                        names(&live)
+                        listed(&live)
                     );
                 }
                 let path = remote.dir.path().join("hostfile");
@@ -96,14 +104,19 @@ impl Cluster {
         if let Some((path, port)) = &self.targets {
             crate::targets::write(path, &hosts, *port)?;
         }
-        Ok(())
+        let watch = self.remote.as_ref().map(|remote| Watch {
+            prober: remote.prober.clone(),
+            hosts: hosts.iter().map(|h| h.name.clone()).collect(),
+        });
+        Ok(watch)
     }
 
     /// After a failed run of a hostfile job: asks every host whether it answers and returns the names of those that
     /// do not (remembered for the next [`Cluster::place`]).
     pub fn lost(&mut self) -> Result<Vec<String>> {
+        let names = self.names();
         let Some(remote) = &mut self.remote else { return Ok(Vec::new()) };
-        let answering = remote.prober.answering(&self.hosts.iter().map(|h| h.name.clone()).collect::<Vec<_>>())?;
+        let answering = remote.prober.answering(&names, &AtomicBool::new(false))?;
         let lost = self.hosts.iter().zip(&answering).filter(|(_, &a)| !a).map(|(h, _)| h.name.clone()).collect();
         remote.answering = Some(answering);
         Ok(lost)

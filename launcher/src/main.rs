@@ -11,6 +11,7 @@ mod signals;
 mod slurm;
 mod supervise;
 mod targets;
+mod watch;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The environment variable (Open MPI's MCA parameter) that names the program mpirun reaches other hosts with.
@@ -40,8 +41,8 @@ fn address_towards(host: &str) -> Result<IpAddr> {
 }
 
 impl Prober {
-    /// Whether each of `hosts` answered within the timeout (in their order).
-    pub fn answering(&self, hosts: &[String]) -> Result<Vec<bool>> {
+    /// Whether each of `hosts` answered within the timeout (in their order); stops asking early once `stop` is set.
+    pub fn answering(&self, hosts: &[String], stop: &AtomicBool) -> Result<Vec<bool>> {
         let listener = TcpListener::bind("0.0.0.0:0").context("cannot listen for the hosts' answers")?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
@@ -58,7 +59,10 @@ impl Prober {
         }
         let mut answered = vec![false; hosts.len()];
         let deadline = Instant::now() + self.timeout;
-        while Instant::now() < deadline && answered.iter().zip(&asked).any(|(done, a)| !done && a.is_some()) {
+        while Instant::now() < deadline
+            && !stop.load(Ordering::SeqCst)
+            && answered.iter().zip(&asked).any(|(done, a)| !done && a.is_some())
+        {
             match listener.accept() {
                 Ok((stream, _)) => {
                     let _ = stream.set_nonblocking(false);

@@ -56,8 +56,8 @@ pub fn supervise(mut job: Job, policy: &Policy, cluster: &mut Cluster) -> Result
             job.env.retain(|(name, _)| name != "TRAINER_RESTARTS");
             job.env.push(("TRAINER_RESTARTS".into(), restarts.to_string()));
         }
-        cluster.place(&mut job)?;
-        let outcome = job.run(&signals)?;
+        let watch = cluster.place(&mut job)?;
+        let outcome = job.run(&signals, watch)?;
         let code = exit_code(outcome.status);
         let class = ExitClass::of(code);
         let mut what = describe(&outcome);
@@ -153,6 +153,9 @@ fn describe(outcome: &Outcome) -> String {
         (None, Some(signal)) => format!("mpirun killed by signal {signal}"),
         (None, None) => format!("{status}"),
     };
+    if !outcome.lost_hosts.is_empty() {
+        text += &format!(", ended by the launcher: host(s) {} stopped answering", outcome.lost_hosts.join(", "));
+    }
     if outcome.leftovers_killed > 0 {
         text += &format!(", {} process(es) outliving mpirun killed", outcome.leftovers_killed);
     }
