@@ -253,3 +253,14 @@ def test_prometheus_scrapes_every_rank_of_both_hosts_through_file_sd(netns_clust
         prom.wait(timeout=30)
         prom_log.close()
 
+
+def test_a_resume_on_fewer_hosts_keeps_the_checkpoints_global_batch(netns_cluster, fortunes_data, single, tmp_path):
+    """Without train.global_batch, 4 data-parallel ranks on 2 hosts take 8 sequences per step (one micro-batch of 2
+    each); resumed on 1 host of 2 ranks, the run keeps those 8 (two micro-batches each) instead of taking 4."""
+    run_dir = tmp_path / "run"
+    unset = ["train.global_batch=0", "train.micro_batch=2", "checkpoint.every=3"]
+    launch(netns_cluster, netns_cluster.hosts[:2], 2,
+           trainer_args(fortunes_data, run_dir, *unset, "train.stop_at_step=3"))
+    result = launch(netns_cluster, netns_cluster.hosts[:1], 2, trainer_args(fortunes_data, run_dir, *unset))
+    assert "accumulation=2" in result.stderr and "(step 3, saved by 4 ranks" in result.stderr, result.stderr[-3000:]
+    assert_same_training(run_dir, single, first_step=4, weights_within=SINGLE_RANK_WEIGHTS)
