@@ -264,3 +264,20 @@ def test_a_resume_on_fewer_hosts_keeps_the_checkpoints_global_batch(netns_cluste
     result = launch(netns_cluster, netns_cluster.hosts[:1], 2, trainer_args(fortunes_data, run_dir, *unset))
     assert "accumulation=2" in result.stderr and "(step 3, saved by 4 ranks" in result.stderr, result.stderr[-3000:]
     assert_same_training(run_dir, single, first_step=4, weights_within=SINGLE_RANK_WEIGHTS)
+
+
+def test_sbatch_over_two_slurmd_hosts_trains_like_one_rank(netns_slurm, netns_cluster, fortunes_data, single, tmp_path):
+    """`launcher slurm --nodes 2 --submit --wait`: srun --mpi=pmix starts 2 ranks on each of two slurmd hosts."""
+    run_dir, jobs = tmp_path / "run", tmp_path / "jobs"
+    result = run(binary("launcher"), "slurm", "--nodes", 2, "--gpus-per-node", 0, "--ntasks-per-node", 2,
+                 "--cpus-per-task", 1, "--job-name", "two-hosts", "--output-dir", jobs, "--submit", "--wait", "--",
+                 *trainer_args(fortunes_data, run_dir, "parallel.tensor=2"), env=netns_slurm, timeout=600)
+    job = result.stdout.splitlines()[0]
+    out = (jobs / f"two-hosts-{job}.out").read_text()
+    names = [h.name for h in netns_cluster.hosts[:2]]
+    assert "training step ended with exit status 0" in out, out
+    assert f"starting 4 rank(s) on {names[0][:-1]}[1-2]" in out or all(n in out for n in names), out
+    assert "world=4 tensor_parallel=2 data_parallel=2" in out, out
+    assert_same_training(run_dir, single, weights_within=SINGLE_RANK_WEIGHTS)
+    targets = json.loads((jobs / "prometheus-targets.json").read_text())[0]["targets"]
+    assert targets == [f"{n}:{9400 + r}" for n in names for r in range(2)]
