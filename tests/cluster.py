@@ -3,7 +3,9 @@ import ipaddress
 import os
 import random
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +60,9 @@ class Cluster:
         self.hosts_file.write_text("".join(f"{h.address} {h.name}\n" for h in self.hosts))
 
     def up(self) -> "Cluster":
+        # SIGTERM (a timeout, a CI runner stopping) must unwind to `down` as an exception does.
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         ip("link", "add", self.bridge, "type", "bridge")
         ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
