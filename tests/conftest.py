@@ -207,3 +207,95 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def netns_cluster(tmp_path_factory):
+    """Three hosts, each a network namespace of this machine on a private bridge (tests/cluster.py), reached through
+    scripts/netns-rsh as through ssh. Torn down at the end, also after a failure: every process in them killed, the
+    namespaces, links and bridge deleted."""
+    from cluster import Cluster
+    cluster = Cluster(3, tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster.up()
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def netns_slurm(netns_cluster, tmp_path_factory):
+    """A Slurm of two nodes, the first two hosts of `netns_cluster`: slurmctld in the root namespace on the bridge's
+    address, one slurmd per host (its namespace, its host name, its own spool, pid, log and TmpFS: %n). Separate
+    from `slurm_cluster` (its own ports and files). Yields the environment for Slurm's commands and Open MPI."""
+    import socket
+    import time
+    base = tmp_path_factory.mktemp("netns-slurm")
+    hosts = netns_cluster.hosts[:2]
+    for sub in ["state", "log", *(f"spool/{h.name}" for h in hosts), *(f"tmp/{h.name}" for h in hosts)]:
+        (base / sub).mkdir(parents=True)
+    conf = base / "slurm.conf"
+    nodes = "".join(f"NodeName={h.name} NodeAddr={h.address} CPUs={os.cpu_count()} State=UNKNOWN\n" for h in hosts)
+    # ip netns exec mounts a fresh /sys: slurmd needs this machine's cgroup hierarchies there again (v2 unified, or
+    # the v1 controllers with systemd's and the unified ones, as this machine mounts them).
+    kind = subprocess.run(["stat", "-fc", "%T", "/sys/fs/cgroup"], capture_output=True, text=True).stdout.strip()
+    if kind == "cgroup2fs":
+        cgroups = "mount -t cgroup2 cgroup2 /sys/fs/cgroup"
+    else:
+        v1 = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "none,name=systemd")
+        cgroups = " && ".join(
+            ["mount -t tmpfs cgroup /sys/fs/cgroup"]
+            + [f"mkdir /sys/fs/cgroup/{c.split('=')[-1]} && mount -t cgroup -o {c} cgroup /sys/fs/cgroup/{c.split('=')[-1]}"
+               for c in v1]
+            + ["mkdir /sys/fs/cgroup/unified && mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified"])
+    conf.write_text(f"""ClusterName=netns
+SlurmctldHost={socket.gethostname().split('.')[0]}({netns_cluster.gateway})
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/none
+CredType=cred/none
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool/%n
+TmpFS={base}/tmp/%n
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd-%n.pid
+SlurmctldLogFile={base}/log/slurmctld.log
+SlurmdLogFile={base}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=pmix
+MailProg=/bin/true
+ReturnToService=2
+MinJobAge=300
+KillWait=5
+{nodes}PartitionName=netns Nodes={','.join(h.name for h in hosts)} Default=YES MaxTime=INFINITE State=UP
+""")
+    env = netns_cluster.env(dict(os.environ, SLURM_CONF=str(conf)))
+    pid_files = [base / "slurmctld.pid", *(base / f"slurmd-{h.name}.pid" for h in hosts)]
+    try:
+        subprocess.run(["/usr/sbin/slurmctld"], env=env, check=True)
+        for h in hosts:
+            subprocess.run(["ip", "netns", "exec", h.name, "unshare", "--uts", "sh", "-c",
+                            f"hostname {h.name} && {cgroups} && exec /usr/sbin/slurmd"], env=env, check=True)
+        states = ""
+        for _ in range(150):
+            states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+            if states.split() == ["idle", "idle"]:
+                break
+            time.sleep(0.2)
+        assert states.split() == ["idle", "idle"], f"the two Slurm nodes are not idle ({states!r}); logs in {base}/log"
+        yield env
+    finally:
+        subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
+        deadline = time.time() + 10
+        for pid_file in pid_files:
+            pid = int(pid_file.read_text()) if pid_file.exists() else None
+            while pid and time.time() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.1)
+            if pid and Path(f"/proc/{pid}").exists():
+                os.kill(pid, 9)

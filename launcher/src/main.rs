@@ -1,6 +1,9 @@
 //! The `launcher` command line: starts the trainer's ranks through `mpirun` and reports how the job ended.
+mod cluster;
 mod guard;
+mod hostfile;
 mod mpirun;
+mod probe;
 mod procs;
 mod program;
 mod relay;
@@ -8,9 +11,12 @@ mod signals;
 mod slurm;
 mod slurm_job;
 mod supervise;
+mod targets;
+mod watch;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use cluster::{Cluster, Remote};
 use mpirun::Job;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -38,6 +44,15 @@ enum Command {
         #[arg(value_name = "MPIRUN_PID", value_parser = parse_pid)]
         mpirun: rustix::process::Pid,
     },
+    /// (Run on a host by `launcher run`, through the rsh agent, to see whether it answers.) Connect to the launcher
+    /// at ADDRESS and send TOKEN.
+    #[command(hide = true)]
+    Answer {
+        #[arg(value_name = "ADDRESS")]
+        address: std::net::SocketAddr,
+        #[arg(value_name = "TOKEN")]
+        token: String,
+    },
 }
 
 fn parse_pid(text: &str) -> Result<rustix::process::Pid, String> {
@@ -46,9 +61,10 @@ fn parse_pid(text: &str) -> Result<rustix::process::Pid, String> {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Number of ranks to start. Without --hostfile, at most 4 per CPU of this machine unless --oversubscribe.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    nproc: u32,
+    /// Number of ranks to start. Without --hostfile, at most 4 per CPU of this machine unless --oversubscribe; with
+    /// it, at most the hosts' slots [default: all their slots].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), required_unless_present = "hostfile")]
+    nproc: Option<u32>,
 
     /// Start more than 4 ranks per CPU on this machine anyway.
     #[arg(long)]
@@ -58,9 +74,30 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     program: Option<PathBuf>,
 
-    /// OpenMPI hostfile listing the hosts to start ranks on [default: this machine].
+    /// Hostfile listing the hosts to start ranks on, one per line: `HOST slots=N` (N ranks on it; a host's ranks are
+    /// contiguous, so give it a multiple of parallel.tensor) [default: this machine]. Other hosts are reached through
+    /// Open MPI's rsh agent (ssh, or OMPI_MCA_plm_rsh_agent) and must see the same paths (program, data, run dir).
     #[arg(long, value_name = "FILE")]
     hostfile: Option<PathBuf>,
+
+    /// When a run fails, restart it (within --max-restarts) on the hosts that still answer, with the ranks of their
+    /// slots (fewer data-parallel ranks; the trainer keeps the global batch through more accumulation); a host that
+    /// answers again is used again by a later restart. Needs --hostfile.
+    #[arg(long, requires = "hostfile")]
+    elastic: bool,
+
+    /// With --elastic: do not start a run on fewer hosts than this.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "elastic")]
+    min_hosts: usize,
+
+    /// With --hostfile: how long a host has to answer (run `launcher answer` through the rsh agent and connect back)
+    /// before it counts as lost.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    lost_host_grace: Duration,
+
+    /// Write the Prometheus file-SD targets of each run (every rank's `host:metrics.port+local rank`) to this file.
+    #[arg(long, value_name = "FILE")]
+    prometheus_targets: Option<PathBuf>,
 
     /// Extra argument for mpirun, placed before the program (repeatable), e.g. `--mpirun-arg=--mca`.
     #[arg(long = "mpirun-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -177,6 +214,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run_job(args),
         Command::Slurm(args) => slurm_job(args),
         Command::Guard { mpirun } => Ok(guard::watch(mpirun)),
+        Command::Answer { address, token } => probe::answer(address, &token).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -191,12 +229,12 @@ fn check_nproc(args: &RunArgs) -> Result<()> {
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     let limit = cpus.saturating_mul(MAX_RANKS_PER_CPU);
-    if args.nproc > limit {
+    let nproc = args.nproc.unwrap_or(0);
+    if nproc > limit {
         bail!(
-            "--nproc {} is more than this machine takes: {cpus} CPU(s), at most {MAX_RANKS_PER_CPU} ranks per CPU \
+            "--nproc {nproc} is more than this machine takes: {cpus} CPU(s), at most {MAX_RANKS_PER_CPU} ranks per CPU \
              ({limit}); pass --oversubscribe to start them all here on purpose, or --hostfile FILE to spread them over \
-             several hosts",
-            args.nproc
+             several hosts"
         );
     }
     Ok(())
@@ -209,16 +247,44 @@ fn run_job(args: RunArgs) -> Result<ExitCode> {
         None => default_program()?,
     };
     let program = program::resolve(&program)?;
-    let mut env = Vec::new();
-    if let Some(hostfile) = &args.hostfile {
-        if !hostfile.is_file() {
-            bail!("hostfile {} does not exist", hostfile.display());
+    let targets = match &args.prometheus_targets {
+        Some(path) => {
+            let port = targets::metrics_port_in(&args.program_args)?.unwrap_or(targets::DEFAULT_METRICS_PORT);
+            Some((std::path::absolute(path).with_context(|| format!("invalid path {}", path.display()))?, port))
         }
-        // Ranks on other hosts do not inherit this environment.
-        env = mpirun::for_remote_ranks(std::env::vars());
-    }
+        None => None,
+    };
+    let (nproc, env, mut cluster) = match &args.hostfile {
+        None => {
+            let nproc = args.nproc.context("--nproc N is required without --hostfile")?;
+            (nproc, Vec::new(), Cluster::local(nproc, targets))
+        }
+        Some(path) => {
+            let hosts = hostfile::read(path)?;
+            let slots = hostfile::total_slots(&hosts);
+            let nproc = args.nproc.unwrap_or(slots);
+            if nproc > slots {
+                bail!("--nproc {nproc} is more than the {slots} slots of the hosts in {}", path.display());
+            }
+            if args.elastic && nproc != slots {
+                bail!("--elastic runs every answering host's slots: leave out --nproc (here {nproc} of {slots} slots)");
+            }
+            if args.elastic && args.max_restarts == 0 {
+                bail!("--elastic restarts the job on the hosts that still answer: give --max-restarts K (K >= 1)");
+            }
+            if args.min_hosts > hosts.len() {
+                bail!("--min-hosts {} is more than the {} hosts in {}", args.min_hosts, hosts.len(), path.display());
+            }
+            let exe = std::env::current_exe().context("cannot locate the launcher's own executable")?;
+            let agent = probe::rsh_agent(std::env::var(probe::RSH_AGENT_VAR).ok().as_deref());
+            let prober = probe::Prober { agent, exe, timeout: args.lost_host_grace };
+            let remote = Remote::new(prober, args.elastic, args.min_hosts)?;
+            // Ranks on other hosts do not inherit this environment.
+            (nproc, mpirun::for_remote_ranks(std::env::vars()), Cluster::remote(hosts, remote, targets))
+        }
+    };
     let job = Job {
-        nproc: args.nproc,
+        nproc,
         program,
         program_args: args.program_args,
         hostfile: args.hostfile,
@@ -231,7 +297,7 @@ fn run_job(args: RunArgs) -> Result<ExitCode> {
         restart_on_preempt: args.restart_on_preempt,
         kill_after: args.kill_after,
     };
-    let code = supervise::supervise(job, &policy)?;
+    let code = supervise::supervise(job, &policy, &mut cluster)?;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
 }
 
@@ -243,7 +309,7 @@ fn slurm_job(args: SlurmArgs) -> Result<ExitCode> {
     let program = program::resolve(&program)?;
     let metrics_port = match args.metrics_port {
         Some(port) => port,
-        None => slurm::metrics_port_in(&args.program_args)?.unwrap_or(slurm::DEFAULT_METRICS_PORT),
+        None => targets::metrics_port_in(&args.program_args)?.unwrap_or(targets::DEFAULT_METRICS_PORT),
     };
     let workdir = std::env::current_dir().context("cannot read the current directory")?;
     let batch = slurm::Batch {

@@ -4,6 +4,7 @@ use crate::procs;
 use crate::program::find_in_path;
 use crate::relay::Relays;
 use crate::signals::{SignalForwarder, Stopped};
+use crate::watch::Watch;
 use anyhow::{Context, Result};
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -38,6 +39,8 @@ pub struct Outcome {
     pub stopped: Stopped,
     /// Processes of the job still alive after mpirun exited, killed by the launcher.
     pub leftovers_killed: usize,
+    /// Hosts that stopped answering while the job ran, for which the launcher ended it.
+    pub lost_hosts: Vec<String>,
 }
 
 /// The variables of `vars` that configure the ranks' libraries (NCCL, libtorch, logging, the
@@ -87,8 +90,9 @@ impl Job {
 
     /// Runs the job to completion: relays every rank's output line by line, passes the launcher's SIGINT and
     /// SIGTERM on to the job through `signals`, keeps a [`Guard`] that ends the job if the launcher dies, and kills
-    /// whatever process of the job is still alive once mpirun has exited.
-    pub fn run(&self, signals: &SignalForwarder) -> Result<Outcome> {
+    /// whatever process of the job is still alive once mpirun has exited. With `watch`, a host of the job that stops
+    /// answering ends it.
+    pub fn run(&self, signals: &SignalForwarder, watch: Option<Watch>) -> Result<Outcome> {
         let mpirun = find_in_path("mpirun").context(
             "mpirun not found on PATH: install OpenMPI (`apt-get install openmpi-bin`) or run `scripts/setup`",
         )?;
@@ -118,8 +122,10 @@ impl Job {
         let relays = Relays::start(&mut child);
 
         signals.attach(pid);
+        let watching = watch.map(|watch| watch.start(pid));
         let exited = wait_exited(pid);
         let stopped = signals.detach();
+        let lost_hosts = watching.map(|w| w.stop()).unwrap_or_default();
         guard.stop();
         exited?;
         let status = child.wait().context("waiting for mpirun")?;
@@ -128,7 +134,7 @@ impl Job {
         if !relays.finish(DRAIN_TIMEOUT) {
             eprintln!("launcher: mpirun exited but its output pipes are still open; not waiting for them");
         }
-        Ok(Outcome { status, stopped, leftovers_killed })
+        Ok(Outcome { status, stopped, leftovers_killed, lost_hosts })
     }
 }
 

@@ -8,9 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// The port of node-local rank 0's metrics endpoint when the trainer's arguments do not set `metrics.port`.
-pub const DEFAULT_METRICS_PORT: u16 = 9400;
-
 /// Everything the batch script is made of.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -32,25 +29,8 @@ pub struct Batch {
     pub metrics_port: u16,
 }
 
-/// `metrics.port` from `--set metrics.port=N` in the trainer's arguments, if there.
-pub fn metrics_port_in(args: &[OsString]) -> Result<Option<u16>> {
-    let mut port = None;
-    for (i, arg) in args.iter().enumerate() {
-        let arg = arg.to_string_lossy();
-        let item = match arg.strip_prefix("--set=") {
-            Some(item) => item.to_string(),
-            None if arg == "--set" => args.get(i + 1).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default(),
-            None => continue,
-        };
-        if let Some(value) = item.strip_prefix("metrics.port=") {
-            port = Some(value.trim().parse().with_context(|| format!("--set metrics.port={value} is not a port"))?);
-        }
-    }
-    Ok(port)
-}
-
 /// Quotes `arg` for bash (single quotes unless it only holds characters that need none).
-fn quote(arg: &str) -> String {
+pub fn quote(arg: &str) -> String {
     let plain = !arg.is_empty() && arg.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-+=.,:/@%".contains(&b));
     if plain {
         arg.to_string()
@@ -372,14 +352,5 @@ mod tests {
             let err = format!("{:#}", b.script().unwrap_err());
             assert!(err.contains(expected), "{err}");
         }
-    }
-
-    #[test]
-    fn metrics_port_is_read_from_the_trainer_arguments() {
-        let args = |items: &[&str]| items.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(metrics_port_in(&args(&["train", "--set", "metrics.port=9600"])).unwrap(), Some(9600));
-        assert_eq!(metrics_port_in(&args(&["--set=metrics.port=1234"])).unwrap(), Some(1234));
-        assert_eq!(metrics_port_in(&args(&["--set", "metrics.enabled=true"])).unwrap(), None);
-        assert!(metrics_port_in(&args(&["--set", "metrics.port=x"])).is_err());
     }
 }

@@ -1,4 +1,5 @@
 //! Supervision of an mpirun job: restarts after failures with exponential backoff, decided by the job's exit status alone (preempted, invalid configuration, usage error, other failures).
+use crate::cluster::Cluster;
 use crate::mpirun::{Job, Outcome};
 use crate::signals::SignalForwarder;
 use anyhow::Result;
@@ -42,9 +43,11 @@ enum Next {
     Stop,
 }
 
-/// Runs `job` under `policy`; returns the launcher's exit code. Every run gets `TRAINER_RESTARTS=<restarts so far>`
-/// when supervised. SIGINT/SIGTERM to the launcher reach the running job and end supervision.
-pub fn supervise(mut job: Job, policy: &Policy) -> Result<i32> {
+/// Runs `job` under `policy` on `cluster`'s hosts; returns the launcher's exit code. Every run gets
+/// `TRAINER_RESTARTS=<restarts so far>` when supervised. A failed run of a hostfile job is followed by asking every
+/// host whether it answers: the lost ones are named, and with `--elastic` the next run goes to the others.
+/// SIGINT/SIGTERM to the launcher reach the running job and end supervision.
+pub fn supervise(mut job: Job, policy: &Policy, cluster: &mut Cluster) -> Result<i32> {
     let signals = SignalForwarder::install(policy.kill_after)?;
     let mut restarts = 0u32;
     let mut failures = 0u32;
@@ -53,10 +56,22 @@ pub fn supervise(mut job: Job, policy: &Policy) -> Result<i32> {
             job.env.retain(|(name, _)| name != "TRAINER_RESTARTS");
             job.env.push(("TRAINER_RESTARTS".into(), restarts.to_string()));
         }
-        let outcome = job.run(&signals)?;
+        let watch = cluster.place(&mut job)?;
+        let outcome = job.run(&signals, watch)?;
         let code = exit_code(outcome.status);
         let class = ExitClass::of(code);
-        let what = describe(&outcome);
+        let mut what = describe(&outcome);
+        if class == ExitClass::Failed && signals.received().is_none() {
+            let lost = cluster.lost()?;
+            if !lost.is_empty() {
+                what += &format!(
+                    "; lost host(s): {} (no answer within {:.0} s){}",
+                    lost.join(", "),
+                    cluster.probe_seconds(),
+                    if cluster.elastic() { ", a restart goes to the others (--elastic)" } else { "" }
+                );
+            }
+        }
         if !policy.supervised() {
             match class {
                 ExitClass::Succeeded => {}
@@ -138,6 +153,9 @@ fn describe(outcome: &Outcome) -> String {
         (None, Some(signal)) => format!("mpirun killed by signal {signal}"),
         (None, None) => format!("{status}"),
     };
+    if !outcome.lost_hosts.is_empty() {
+        text += &format!(", ended by the launcher: host(s) {} stopped answering", outcome.lost_hosts.join(", "));
+    }
     if outcome.leftovers_killed > 0 {
         text += &format!(", {} process(es) outliving mpirun killed", outcome.leftovers_killed);
     }

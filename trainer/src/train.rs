@@ -64,8 +64,29 @@ pub fn train(config: &Config) -> Result<Outcome> {
     let timeout = Duration::from_secs_f64(config.parallel.collective_timeout_s);
     let comm = Arc::new(Comm::init(config.parallel.tensor as usize, timeout)?);
     let world = comm.topology.world;
-    let config = config.for_world(world as i64).context(InvalidConfig(format!("for {world} ranks")));
+    let config = with_resumed_global_batch(config)
+        .and_then(|config| config.for_world(world as i64).context(InvalidConfig(format!("for {world} ranks"))));
     config.and_then(|config| train_ranks(&config, comm.clone())).map_err(|error| comm.end_job_on_error(error))
+}
+
+/// A run that resumes a checkpoint without setting `train.global_batch` keeps the checkpoint's, so that a job
+/// restarted on fewer (or more) data-parallel ranks takes the same steps through more (or less) accumulation.
+fn with_resumed_global_batch(config: &Config) -> Result<Config> {
+    let mut config = config.clone();
+    let c = &config.checkpoint;
+    let resumed = match (&c.load, c.resume) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, true) => Checkpointer::latest(&config.checkpoint_dir(), false)?,
+        (None, false) => None,
+    };
+    if let Some(dir) = resumed.filter(|_| config.train.global_batch == 0) {
+        let manifest = crate::checkpoint::Manifest::read(&dir)?;
+        let saved: toml::Table = toml::from_str(&manifest.config)
+            .with_context(|| format!("{}: the saved configuration is not TOML", dir.display()))?;
+        let global_batch = saved.get("train").and_then(|t| t.get("global_batch")).and_then(toml::Value::as_integer);
+        config.train.global_batch = global_batch.unwrap_or(0);
+    }
+    Ok(config)
 }
 
 /// Training on the joined ranks; an error on any rank ends the job (see [`Comm::end_job_on_error`]).

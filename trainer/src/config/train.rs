@@ -11,8 +11,8 @@ pub struct TrainConfig {
     /// Tokens per sequence; `model.max_seq_len` when absent.
     pub seq_len: i64,
     /// Sequences per optimizer step, over all data-parallel ranks (or `global_batch_tokens`);
-    /// when neither is set, `micro_batch` x data-parallel ranks (one micro-batch per rank and
-    /// step, as Megatron-LM and torchtitan do). Set it to keep it under another layout.
+    /// when neither is set, the resumed checkpoint's, else `micro_batch` x data-parallel ranks
+    /// (one micro-batch per rank and step, as Megatron-LM and torchtitan do).
     pub global_batch: i64,
     /// The global batch in tokens (a multiple of `seq_len`), instead of `global_batch`.
     #[serde(skip_serializing_if = "Option::is_none")]
