@@ -2,7 +2,8 @@
 mod score;
 
 pub use score::{
-    choice_report, loss_report, read_choice_items, text_documents, ChoiceItem, ChoiceReport, Document, LossReport,
+    choice_report, loss_report, read_choice_items, text_documents, ChoiceItem, ChoiceReport, ChoiceScores, Document,
+    LossReport,
 };
 
 use crate::comm::Comm;
@@ -56,8 +57,9 @@ pub struct EvalArgs {
     /// CPU threads of each rank (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
-    /// Also write the results (a JSON list, one object per source) to this file, replaced by
-    /// rename when every evaluation is done.
+    /// Also write the results (a JSON list, one object per source; a multiple-choice task's with
+    /// every item's per-choice log-likelihoods) to this file, replaced by rename when every
+    /// evaluation is done.
     #[arg(long, value_name = "FILE.json")]
     pub output: Option<PathBuf>,
 }
@@ -102,7 +104,10 @@ fn eval_on_ranks(args: &EvalArgs, comm: &Arc<Comm>) -> Result<()> {
         let mut line = json!({"source": source, "kind": kind});
         line.as_object_mut().expect("an object").extend(report.as_object().cloned().unwrap_or_default());
         if leader {
-            println!("{line}");
+            // The per-item scores go to --output only: one line per source stays readable.
+            let mut shown = line.clone();
+            shown.as_object_mut().expect("an object").remove("per_item");
+            println!("{shown}");
         }
         results.push(line);
     };
