@@ -198,7 +198,10 @@ def test_megatron_indexed_dataset_round_trip(tmp_path, dtype):
     assert "ok: megatron dataset" in run("verify", "--megatron", prefix)
 
 
-# Fine-tuning data: the real SmolLM2-135M-Instruct chat template and tokenizer against transformers.
+# Fine-tuning data: real chat templates (SmolLM2-135M-Instruct's own, and Llama-3.1's and Qwen2.5's kept as fixtures)
+# and tokenizers against transformers.
+
+LONG = " ".join(f"Sentence {i} of a long answer, with some words to make it longer than a few windows." for i in range(60))
 
 CONVERSATIONS = [
     # No system message: the template adds SmolLM2's default one.
@@ -225,7 +228,48 @@ CONVERSATIONS = [
         {"role": "user", "content": "ok"},
         {"role": "assistant", "content": " Fine "},
     ],
+    # Empty contents: an empty answer trains only the end-of-turn token.
+    [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": ""}],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": "You sent an empty message."}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi."}],
+    # Long contents (several thousand characters) and a long exchange.
+    [{"role": "user", "content": "Write a lot."}, {"role": "assistant", "content": LONG}],
+    [{"role": "system", "content": LONG}, {"role": "user", "content": "Summarize."}, {"role": "assistant", "content": "Long."}],
+    [m for i in range(8) for m in ({"role": "user", "content": f"Question {i}?"},
+                                  {"role": "assistant", "content": f"Answer {i}."})],
+    # Scripts and symbols: CJK, Cyrillic, Arabic, Devanagari, emoji sequences, combining marks, math.
+    [{"role": "user", "content": "Привет, как дела?"}, {"role": "assistant", "content": "Хорошо, спасибо! А у вас?"}],
+    [{"role": "user", "content": "مرحبا"}, {"role": "assistant", "content": "أهلاً وسهلاً بك"}],
+    [{"role": "user", "content": "नमस्ते"}, {"role": "assistant", "content": "नमस्ते! आप कैसे हैं?"}],
+    [{"role": "user", "content": "👩‍👩‍👧‍👦 🏳️‍🌈 e\u0301"}, {"role": "assistant", "content": "Family, flag, and an é with a combining accent."}],
+    [{"role": "user", "content": "∀x ∈ ℝ: x² ≥ 0?"}, {"role": "assistant", "content": "Yes: x² = x·x ≥ 0 for real x."}],
+    # Text that looks like markup, template syntax or the special tokens' neighbours.
+    [{"role": "user", "content": "What is {{ x }} and {% if %}?"}, {"role": "assistant", "content": "Jinja syntax: {{ x }}."}],
+    [{"role": "user", "content": "<html><body>hi</body></html>"}, {"role": "assistant", "content": "<p>An HTML page.</p>"}],
+    [{"role": "user", "content": "Quote \"this\" and 'that' \\ backslash"}, {"role": "assistant", "content": "\"Done\" \\"}],
+    [{"role": "user", "content": "Code please"},
+     {"role": "assistant", "content": "```python\nfor i in range(3):\n    print(i)\n```"}],
+    # Whitespace-only and newline-heavy contents.
+    [{"role": "user", "content": "\n\n\n"}, {"role": "assistant", "content": "Blank lines.\n\n\n"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+     {"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}],
+    # Consecutive user turns before an answer.
+    [{"role": "user", "content": "First part."}, {"role": "user", "content": "Second part."},
+     {"role": "assistant", "content": "Both parts read."}],
 ]
+
+# The other real templates, as their models' tokenizer_config.json hold them (tests/fixtures/chat-templates/, the
+# template text copied unchanged from Meta-Llama-3.1-8B-Instruct's and Qwen2.5-7B-Instruct's), applied with SmolLM2's
+# tokenizer; Llama-3's header and end-of-turn tokens are added to it as special tokens, as Llama-3's tokenizer has them.
+# Each template's turns: the text before an assistant content and what the content becomes followed by the
+# end-of-turn token (Llama-3.1 trims contents).
+TEMPLATES = {
+    "smollm2": (None, lambda role: f"<|im_start|>{role}\n", lambda content: content + "<|im_end|>"),
+    "llama-3.1": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"],
+                  lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n",
+                  lambda content: content.strip() + "<|eot_id|>"),
+    "qwen2.5": ([], lambda role: f"<|im_start|>{role}\n", lambda content: content + "<|im_end|>"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -237,67 +281,88 @@ def smollm2_dir():
     return Path(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smollm2_dir))
-
-
 def write_chats(path, conversations):
     path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations))
     return path
 
 
+@pytest.fixture(scope="session", params=list(TEMPLATES))
+def chat_model(request, smollm2_dir, tmp_path_factory):
+    """A model directory with a real chat template and its transformers tokenizer: SmolLM2's own, or SmolLM2's
+    tokenizer with a fixture's tokenizer_config.json (template, bos and eos tokens) and the template's special
+    tokens added to tokenizer.json."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import AutoTokenizer
+
+    name = request.param
+    added, _, _ = TEMPLATES[name]
+    if added is None:
+        return name, smollm2_dir, AutoTokenizer.from_pretrained(str(smollm2_dir))
+    model_dir = tmp_path_factory.mktemp(name)
+    tokenizer = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    config = json.loads((REPO / "tests" / "fixtures" / "chat-templates" / f"{name}.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="PreTrainedTokenizerFast")))
+    return name, model_dir, AutoTokenizer.from_pretrained(str(model_dir))
+
+
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
-def test_chat_template_renders_as_transformers(smollm2_dir, smollm2_tokenizer, tmp_path, add_generation_prompt):
+def test_chat_template_renders_as_transformers(chat_model, tmp_path, add_generation_prompt):
+    name, model_dir, tok = chat_model
     chats = write_chats(tmp_path / "chats.jsonl", CONVERSATIONS)
-    args = ["render-chat", "--model-dir", smollm2_dir, "--input", chats]
+    args = ["render-chat", "--model-dir", model_dir, "--input", chats]
     out = run(*args, *(["--add-generation-prompt"] if add_generation_prompt else []))
     rendered = [json.loads(line) for line in out.splitlines()]
-    expected = [
-        smollm2_tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
-        for c in CONVERSATIONS
-    ]
-    assert rendered == expected
-    assert rendered[0].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    expected = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
+                for c in CONVERSATIONS]
+    assert len(rendered) == len(expected) >= 20
+    for conversation, ours, theirs in zip(CONVERSATIONS, rendered, expected):
+        assert ours == theirs, (name, conversation)
+    assert rendered[0].startswith({"smollm2": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM",
+                                   "llama-3.1": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                                                "Cutting Knowledge Date: December 2023",
+                                   "qwen2.5": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud."}[name])
 
 
-def expected_mask(tokenizer, conversation, text):
-    """1 on the tokens that overlap an assistant content plus the <|im_end|> after it, found by searching the
-    rendered text (independently of how data-shards finds them)."""
+def expected_mask(tokenizer, conversation, text, header, body):
+    """1 on the tokens that overlap an assistant turn's body (its content as the template writes it plus the
+    end-of-turn token), found by searching the rendered text turn by turn (independently of how data-shards finds
+    them, which is by rendering prefixes)."""
     spans, at = [], 0
     for m in conversation:
-        header = f"<|im_start|>{m['role']}\n"
-        at = text.index(header + m["content"] + "<|im_end|>", at) + len(header)
-        end = at + len(m["content"]) + len("<|im_end|>")
         if m["role"] == "assistant":
-            spans.append((at, end))
-        at = end
+            at = text.index(header("assistant") + body(m["content"]), at) + len(header("assistant"))
+            spans.append((at, at + len(body(m["content"]))))
+        else:
+            at = text.index(body(m["content"]), at)
+        at += len(body(m["content"]))
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
 
 
-def test_chat_shards_hold_transformers_tokens_and_mask_only_assistant_turns(smollm2_dir, smollm2_tokenizer, tmp_path):
-    tok = smollm2_tokenizer
+def test_chat_shards_hold_transformers_tokens_and_mask_only_assistant_turns(chat_model, tmp_path):
+    name, model_dir, tok = chat_model
+    _, header, body = TEMPLATES[name]
+    eos = body("")
     chats = write_chats(tmp_path / "chats.jsonl", CONVERSATIONS)
     out = tmp_path / "sft"
-    run("prepare", "--format", "chat", "--model-dir", smollm2_dir, "--input", chats, "--output", out,
+    run("prepare", "--format", "chat", "--model-dir", model_dir, "--input", chats, "--output", out,
         "--valid-fraction", "0")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["eos_token"] == "<|im_end|>"
-    assert manifest["eos_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert manifest["format_version"] == 2 and manifest["eos_token"] == eos
+    assert manifest["eos_id"] == tok.convert_tokens_to_ids(eos)
     docs = [json.loads(line) for line in run("dump-docs", out, "--mask").splitlines()]
     assert len(docs) == len(CONVERSATIONS)
     trained = 0
     for conversation, doc in zip(CONVERSATIONS, docs):
         ids = tok.apply_chat_template(conversation, tokenize=True, return_dict=False)
-        assert doc["tokens"] == ids
+        assert doc["tokens"] == ids, (name, conversation)
         text = tok.apply_chat_template(conversation, tokenize=False)
-        assert doc["loss_mask"] == expected_mask(tok, conversation, text)
+        assert doc["loss_mask"] == expected_mask(tok, conversation, text, header, body), (name, conversation)
         trained += sum(doc["loss_mask"])
         if not any(m["content"][:1].isspace() for m in conversation):
-            # No token straddles a turn's start: the masked runs are exactly the assistant contents + <|im_end|>.
+            # No token straddles a turn's start: the masked runs are exactly the assistant bodies.
             runs, run_ids = [], []
             for t, m in zip(doc["tokens"] + [None], doc["loss_mask"] + [0]):
                 if m:
@@ -305,7 +370,8 @@ def test_chat_shards_hold_transformers_tokens_and_mask_only_assistant_turns(smol
                 elif run_ids:
                     runs.append(tok.decode(run_ids))
                     run_ids = []
-            assert runs == [m["content"] + "<|im_end|>" for m in conversation if m["role"] == "assistant"]
+            # Consecutive assistant turns do not occur here; a masked run is one body.
+            assert runs == [body(m["content"]) for m in conversation if m["role"] == "assistant"], (name, runs)
     assert manifest["splits"]["train"]["num_loss_tokens"] == trained
     assert "ok: train split" in run("verify", out)
 

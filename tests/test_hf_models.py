@@ -2,6 +2,7 @@
 directory, under one rank and split over 3 tensor-parallel ranks (its 9 heads and 3 KV heads), then exported."""
 import json
 
+import pytest
 from conftest import binary, run
 
 
@@ -22,14 +23,21 @@ def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_smollm2_finetunes_alike_on_one_rank_and_three_tensor_parallel_ranks(smollm2_dir, fortunes_smollm2, tmp_path):
-    finetune(smollm2_dir, fortunes_smollm2, tmp_path / "one", 1)
-    finetune(smollm2_dir, fortunes_smollm2, tmp_path / "tp3", 3)
-    one, tp3 = losses(tmp_path / "one"), losses(tmp_path / "tp3")
+@pytest.fixture(scope="module")
+def finetuned(smollm2_dir, fortunes_smollm2, tmp_path_factory):
+    """SmolLM2 fine-tuned for 2 steps on one rank and on 3 tensor-parallel ranks (that run exported to tp3/hf)."""
+    runs = tmp_path_factory.mktemp("finetuned")
+    finetune(smollm2_dir, fortunes_smollm2, runs / "one", 1)
+    finetune(smollm2_dir, fortunes_smollm2, runs / "tp3", 3)
+    return runs
+
+
+def test_smollm2_finetunes_alike_on_one_rank_and_three_tensor_parallel_ranks(finetuned):
+    one, tp3 = losses(finetuned / "one"), losses(finetuned / "tp3")
     # Real weights know English: far below ln(49152) = 10.8 of a random model.
     assert one[0] < 5.0, one
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(one, tp3)), (one, tp3)
-    exported = tmp_path / "tp3" / "hf"
+    exported = finetuned / "tp3" / "hf"
     names = sorted(p.name for p in exported.iterdir())
     assert names == ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
                      "tokenizer.json", "tokenizer_config.json"], names
@@ -123,29 +131,42 @@ CHOICES = [
 ]
 
 
-def test_smollm2_evaluation_equals_transformers_under_every_layout(smollm2_dir, tmp_path):
-    """`trainer eval`: loss and bits per byte of a text in windows, and multiple-choice scores, equal transformers'
-    on the real model; tensor-parallel (3 ranks) and data-parallel (2 ranks) runs give the same numbers."""
+def test_smollm2_evaluation_equals_transformers_under_every_layout(finetuned, tmp_path):
+    """`trainer eval` on the exported fine-tuned SmolLM2 (its context is 64): loss, perplexity and bits per byte of a
+    text in windows, and every choice's log-likelihood, equal transformers' on the same tokens; tensor-parallel
+    (3 ranks) and data-parallel (2 ranks) runs give the same numbers."""
     from conftest import FORTUNES, REPO
+    model = finetuned / "tp3" / "hf"
     text = tmp_path / "held-out.txt"
     text.write_text((FORTUNES / "fortunes").read_text(errors="replace")[:1500])
     choices = tmp_path / "choices.jsonl"
     choices.write_text("".join(json.dumps(item) + "\n" for item in CHOICES))
-    args = ["eval", "--model", smollm2_dir, "--text", text, "--choices", choices, "--seq-len", 128, "--threads", 1]
-    reports = {"one": run(binary("trainer"), *args, "--output", tmp_path / "results.json").stdout,
-               "tp3": run(binary("launcher"), "run", "--nproc", 3, "--", *args, "--tensor", 3).stdout,
-               "dp2": run(binary("launcher"), "run", "--nproc", 2, "--", *args).stdout}
+    # No --seq-len: the default is the context less one token, 63.
+    args = ["eval", "--model", model, "--text", text, "--choices", choices, "--threads", 1]
+    reports = {"one": run(binary("trainer"), *args, "--output", tmp_path / "one.json").stdout,
+               "tp3": run(binary("launcher"), "run", "--nproc", 3, "--", *args, "--tensor", 3,
+                          "--output", tmp_path / "tp3.json").stdout,
+               "dp2": run(binary("launcher"), "run", "--nproc", 2, "--", *args, "--output", tmp_path / "dp2.json").stdout}
     reference = json.loads(run(REPO / ".venv" / "bin" / "python", REPO / "tests" / "reference" / "hf_eval.py",
-                               smollm2_dir, text, choices, 128).stdout)
+                               model, text, choices, 63).stdout)
     for name, out in reports.items():
         lines = [json.loads(line.split("] ", 1)[-1]) for line in out.splitlines() if "{" in line]
-        loss, scores = lines[0], lines[1]
+        written = json.loads((tmp_path / f"{name}.json").read_text())
+        assert [r["kind"] for r in written] == ["text", "choices"], written
+        # The printed lines are the written results without the per-item scores.
+        assert lines == [written[0], {k: v for k, v in written[1].items() if k != "per_item"}], (name, lines)
+        loss, scores = written
         assert loss["tokens"] == reference["tokens"], (name, loss)
-        for key in ("loss", "bits_per_byte"):
+        for key in ("loss", "perplexity", "bits_per_byte"):
             assert abs(loss[key] - reference[key]) <= 1e-4 * reference[key], (name, key, loss, reference)
         assert abs(scores["answer_nll"] - reference["answer_nll"]) <= 1e-4 * reference["answer_nll"], (name, scores)
         assert (scores["accuracy"], scores["accuracy_norm"]) == (reference["accuracy"], reference["accuracy_norm"])
+        assert len(scores["per_item"]) == len(CHOICES)
+        for item, ours, theirs in zip(CHOICES, scores["per_item"], reference["per_item"]):
+            assert ours["bytes"] == theirs["bytes"] and ours["answer"] == item["answer"], (name, ours)
+            # Per-choice log-likelihoods within 1e-4 (nats) of transformers'.
+            assert all(abs(a - b) <= 1e-4 for a, b in zip(ours["loglikelihoods"], theirs["loglikelihoods"], strict=True)), (
+                name, item, ours, theirs)
+            best = max(range(len(item["choices"])), key=lambda c: theirs["loglikelihoods"][c])
+            assert ours["predicted"] == best, (name, ours, theirs)
     assert reference["accuracy"] >= 5 / 6, reference
-    written = json.loads((tmp_path / "results.json").read_text())
-    assert [r["kind"] for r in written] == ["text", "choices"] and written[0]["loss"] == json.loads(
-        reports["one"].splitlines()[0])["loss"], written

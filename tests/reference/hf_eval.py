@@ -1,6 +1,6 @@
 """Reference side of tests/test_hf_models.py's evaluation test: the same scores as `trainer eval` with
 transformers. Text: the document after a prefix token, in disjoint windows of SEQ_LEN predicted tokens; choices:
-each choice's negative log-likelihood after its context (lm-evaluation-harness's loglikelihood)."""
+each choice's log-likelihood after its context (lm-evaluation-harness's loglikelihood), per item."""
 import json
 import math
 import sys
@@ -28,10 +28,12 @@ while start + 1 < len(ids):
     total += nll(ids[start:start + seq_len + 1], 1)
     start += seq_len
 tokens = len(ids) - 1
-report = {"loss": total / tokens, "bits_per_byte": total / math.log(2) / len(text.encode()), "tokens": tokens}
+report = {"loss": total / tokens, "perplexity": math.exp(total / tokens),
+          "bits_per_byte": total / math.log(2) / len(text.encode()), "tokens": tokens}
 
 correct = correct_norm = 0
 answer_nll = 0.0
+per_item = []
 items = [json.loads(line) for line in open(choices_path)]
 for item in items:
     context = tokenizer(item["context"], add_special_tokens=False).input_ids or [prefix]
@@ -40,7 +42,9 @@ for item in items:
         continuation = tokenizer(choice, add_special_tokens=False).input_ids
         scores.append(nll(context + continuation, len(context)))
     correct += min(range(len(scores)), key=lambda c: scores[c]) == item["answer"]
-    correct_norm += min(range(len(scores)), key=lambda c: scores[c] / len(item["choices"][c])) == item["answer"]
+    correct_norm += min(range(len(scores)), key=lambda c: scores[c] / len(item["choices"][c].encode())) == item["answer"]
     answer_nll += scores[item["answer"]]
-report.update(accuracy=correct / len(items), accuracy_norm=correct_norm / len(items), answer_nll=answer_nll / len(items))
+    per_item.append({"loglikelihoods": [-x for x in scores], "bytes": [len(c.encode()) for c in item["choices"]]})
+report.update(accuracy=correct / len(items), accuracy_norm=correct_norm / len(items), answer_nll=answer_nll / len(items),
+              per_item=per_item)
 print(json.dumps(report))

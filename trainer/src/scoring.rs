@@ -11,8 +11,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Instant;
 use tch::{Kind, Tensor};
 use tokenizers::Tokenizer;
+use tracing::info;
 
 /// A document to score: its token ids after one token of context (the first id, scored
 /// never), and the bytes of its text (for bits per byte).
@@ -54,6 +56,22 @@ pub struct ChoiceReport {
     pub accuracy_norm: f64,
     /// The right choices' negative log-likelihood (nats), averaged over the items.
     pub answer_nll: f64,
+    /// Every item's scores, in the task file's order (`--output` writes them; the printed line leaves them out).
+    pub per_item: Vec<ChoiceScores>,
+}
+
+/// One multiple-choice item's scores, as lm-evaluation-harness logs them per sample.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChoiceScores {
+    /// Each choice's summed log-likelihood (nats) after the context.
+    pub loglikelihoods: Vec<f64>,
+    /// Each choice's length in UTF-8 bytes (what `accuracy_norm` divides by).
+    pub bytes: Vec<u64>,
+    /// The right choice.
+    pub answer: usize,
+    /// The most likely choice, and the most likely per byte.
+    pub predicted: usize,
+    pub predicted_norm: usize,
 }
 
 impl LossReport {
@@ -168,6 +186,7 @@ fn score(engine: &Engine, sequences: &[Scored]) -> Result<Vec<f64>> {
     let mine: Vec<usize> = (dp_rank..sequences.len()).step_by(dp).collect();
     let mut sums = vec![0.0; sequences.len()];
     let device = engine.params.values().device();
+    let started = Instant::now();
     for batch in mine.chunks(BATCH) {
         let longest = batch.iter().map(|&i| sequences[i].ids.len()).max().unwrap_or(2);
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
@@ -190,6 +209,13 @@ fn score(engine: &Engine, sequences: &[Scored]) -> Result<Vec<f64>> {
             sums[i] = nll.double_value(&[row as i64]);
         }
     }
+    let tokens: usize = mine.iter().map(|&i| sequences[i].ids.len()).sum();
+    let seconds = started.elapsed().as_secs_f64();
+    info!(
+        "scored {} sequences, {tokens} tokens in {seconds:.2} s ({:.0} tokens/s)",
+        mine.len(),
+        tokens as f64 / seconds.max(1e-9)
+    );
     if dp > 1 {
         let all = Tensor::from_slice(&sums);
         engine.comm().all_reduce(GroupKind::Data, &all, ReduceOp::Sum).wait()?;
@@ -254,21 +280,28 @@ pub fn choice_report(
     }
     let scores = score(engine, &sequences)?;
     let mut remaining = scores.as_slice();
-    let (mut correct, mut correct_norm, mut answer_nll) = (0u64, 0u64, 0.0);
+    let mut per_item = Vec::with_capacity(items.len());
     for item in items {
         let (nll, rest) = remaining.split_at(item.choices.len());
         remaining = rest;
-        // The most likely choice has the least negative log-likelihood.
-        let best = |key: &dyn Fn(usize) -> f64| (0..nll.len()).min_by(|&a, &b| key(a).total_cmp(&key(b)));
-        correct += u64::from(best(&|c| nll[c]) == Some(item.answer));
-        correct_norm += u64::from(best(&|c| nll[c] / item.choices[c].len().max(1) as f64) == Some(item.answer));
-        answer_nll += nll[item.answer];
+        let bytes: Vec<u64> = item.choices.iter().map(|c| c.len() as u64).collect();
+        // The most likely choice has the least negative log-likelihood (the first of equals).
+        let best = |key: &dyn Fn(usize) -> f64| (0..nll.len()).min_by(|&a, &b| key(a).total_cmp(&key(b))).unwrap_or(0);
+        per_item.push(ChoiceScores {
+            loglikelihoods: nll.iter().map(|&x| -x).collect(),
+            answer: item.answer,
+            predicted: best(&|c| nll[c]),
+            predicted_norm: best(&|c| nll[c] / bytes[c].max(1) as f64),
+            bytes,
+        });
     }
     let n = items.len() as f64;
+    let share = |hit: &dyn Fn(&ChoiceScores) -> bool| per_item.iter().filter(|s| hit(s)).count() as f64 / n;
     Ok(ChoiceReport {
         items: items.len() as u64,
-        accuracy: correct as f64 / n,
-        accuracy_norm: correct_norm as f64 / n,
-        answer_nll: answer_nll / n,
+        accuracy: share(&|s| s.predicted == s.answer),
+        accuracy_norm: share(&|s| s.predicted_norm == s.answer),
+        answer_nll: -per_item.iter().map(|s| s.loglikelihoods[s.answer]).sum::<f64>() / n,
+        per_item,
     })
 }

@@ -33,7 +33,7 @@ pub struct EvalArgs {
     /// A multiple-choice task: JSONL of {"context", "choices", "answer"} (repeatable).
     #[arg(long = "choices", value_name = "FILE.jsonl")]
     pub choices: Vec<PathBuf>,
-    /// Tokens predicted per window [default: the model's context, at most 2048].
+    /// Tokens predicted per window [default: the model's context less one token, at most 2048].
     #[arg(long)]
     pub seq_len: Option<usize>,
     /// The token a document follows (the context of its first token), as in the training data.
@@ -51,8 +51,9 @@ pub struct EvalArgs {
     /// CPU threads of each rank (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
-    /// Also write the results (a JSON list, one object per source) to this file, replaced by
-    /// rename when every evaluation is done.
+    /// Also write the results (a JSON list, one object per source; a multiple-choice task's with
+    /// every item's per-choice log-likelihoods) to this file, replaced by rename when every
+    /// evaluation is done.
     #[arg(long, value_name = "FILE.json")]
     pub output: Option<PathBuf>,
 }
@@ -84,7 +85,8 @@ fn eval_on_ranks(args: &EvalArgs, comm: &Arc<Comm>) -> Result<()> {
     let prefix = tokenizer.token_to_id(&args.prefix_token).map(i64::from).ok_or_else(|| {
         invalid_config(format!("--prefix-token {:?} is not a token of {}", args.prefix_token, tokenizer_path.display()))
     })?;
-    let seq_len = args.seq_len.unwrap_or(config.model.max_seq_len.min(2048) as usize);
+    // A window of seq_len predicted tokens takes seq_len + 1 positions.
+    let seq_len = args.seq_len.unwrap_or((config.model.max_seq_len - 1).min(2048) as usize);
     if seq_len == 0 || seq_len as i64 >= config.model.max_seq_len {
         return Err(invalid_config(format!(
             "--seq-len {seq_len} must be 1 to {} (the model's context less one token)",
@@ -97,7 +99,10 @@ fn eval_on_ranks(args: &EvalArgs, comm: &Arc<Comm>) -> Result<()> {
         let mut line = json!({"source": source, "kind": kind});
         line.as_object_mut().expect("an object").extend(report.as_object().cloned().unwrap_or_default());
         if leader {
-            println!("{line}");
+            // The per-item scores go to --output only: one line per source stays readable.
+            let mut shown = line.clone();
+            shown.as_object_mut().expect("an object").remove("per_item");
+            println!("{shown}");
         }
         results.push(line);
     };
