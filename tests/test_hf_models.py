@@ -43,6 +43,10 @@ def test_smollm2_finetunes_alike_on_one_rank_and_three_tensor_parallel_ranks(fin
                      "tokenizer.json", "tokenizer_config.json"], names
     config = json.loads((exported / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["num_attention_heads"] == 9
+    # The source's special token ids are kept, so that transformers' generate stops at the end of a turn.
+    generation = json.loads((exported / "generation_config.json").read_text())
+    for key, id in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 2)):
+        assert config[key] == generation[key] == id, (key, config, generation)
 
 
 def chat_data(model_dir, tmp_path):

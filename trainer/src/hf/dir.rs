@@ -55,8 +55,13 @@ pub fn write_dir(weights: &[(String, Tensor)], config: &Config, tokenizer: &[Pat
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
     let dtype = config.train.dtype.name();
-    std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&config_json(&config.model, dtype))?)?;
-    let generation = json!({"do_sample": false, "max_length": config.model.max_seq_len});
+    let (mut model_json, mut generation) =
+        (config_json(&config.model, dtype), json!({"do_sample": false, "max_length": config.model.max_seq_len}));
+    for (key, id) in config.checkpoint.init_from_hf.as_deref().map(special_token_ids).unwrap_or_default() {
+        model_json[key] = id.clone();
+        generation[key] = id;
+    }
+    std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&model_json)?)?;
     std::fs::write(staging.join("generation_config.json"), serde_json::to_string_pretty(&generation)?)?;
     write_weights(weights, &staging, MAX_SHARD_BYTES)?;
     for file in tokenizer {
@@ -75,6 +80,26 @@ pub fn write_dir(weights: &[(String, Tensor)], config: &Config, tokenizer: &[Pat
     }
     tracing::info!("exported the model in Hugging Face format to {}", dir.display());
     Ok(())
+}
+
+/// The special token ids of a Hugging Face directory (`generation_config.json`'s, else
+/// `config.json`'s), which an export of a model started from it keeps: without `eos_token_id`,
+/// `transformers`' `generate` would not stop at the end of a chat turn.
+fn special_token_ids(dir: &Path) -> Vec<(&'static str, serde_json::Value)> {
+    let read = |name: &str| -> serde_json::Value {
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    };
+    let (generation, model) = (read("generation_config.json"), read("config.json"));
+    ["bos_token_id", "eos_token_id", "pad_token_id"]
+        .into_iter()
+        .filter_map(|key| {
+            let id = [&generation[key], &model[key]].into_iter().find(|id| !id.is_null())?;
+            Some((key, id.clone()))
+        })
+        .collect()
 }
 
 /// The tokenizer's files to export with a model: those of the Hugging Face directory it
