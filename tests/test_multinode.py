@@ -178,6 +178,15 @@ def test_elastic_job_loses_a_host_and_finishes_on_the_others(netns_cluster, fort
     assert [r["step"] for r in history] == list(range(1, LOSS_STEPS + 1))
     for got, want in zip(history, records(single_long)):
         assert relative(got["loss"], want["loss"]) <= 1e-9, (got, want)
+    # The host back (its link up, nothing of the job left on it): a later run of the job, continued for 3 more steps
+    # from its final checkpoint, uses all 3 hosts again.
+    more = trainer_args(fortunes_data, run_dir, *LOSS_RUN, f"train.steps={LOSS_STEPS + 3}")
+    again = launch(netns_cluster, netns_cluster.hosts, 2, more, "--elastic", "--max-restarts", 1,
+                   "--lost-host-grace", 5)
+    assert "world=6 tensor_parallel=2 data_parallel=3" in again.stderr, again.stderr[-5000:]
+    assert f"(step {LOSS_STEPS}, saved by 4 ranks with tensor parallel 2)" in again.stderr, again.stderr[-5000:]
+    assert "do not answer" not in again.stderr, again.stderr[-5000:]
+    assert [r["step"] for r in records(run_dir)] == list(range(1, LOSS_STEPS + 4))
 
 
 def test_without_elastic_the_failure_names_the_lost_host(netns_cluster, fortunes_data, tmp_path):
